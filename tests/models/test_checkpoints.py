@@ -1,0 +1,145 @@
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from ditrt.errors import CheckpointError
+from ditrt.models import diffusers_compat
+from ditrt.models.checkpoints import load_dit, save_ditrt_checkpoint, state_dict_hash
+from ditrt.models.dit import CONFIGS
+
+from tests.conftest import TINY, random_dit
+
+
+def _inputs(cfg, n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    return x, torch.tensor([0.0, 421.0, 999.0])[:n], torch.tensor([0, 7, cfg.num_classes])[:n]
+
+
+@pytest.mark.parametrize("wrap", [None, "ema", "model"])
+def test_official_pt_loads_with_weights_only(tmp_path, wrap):
+    m = random_dit(TINY)
+    sd = m.state_dict()
+    torch.save({wrap: sd} if wrap else sd, tmp_path / "ckpt.pt")
+    loaded = load_dit(tmp_path / "ckpt.pt", config=TINY)  # 64 wide: no named config gives the head count
+    x, t, y = _inputs(TINY)
+    assert loaded.config.depth == 2 and loaded.config.num_classes == 10
+    assert torch.equal(loaded(x, t, y), m(x, t, y))
+
+
+def test_ditrt_safetensors_round_trip_keeps_config_and_hash(tmp_path):
+    m = random_dit(TINY)
+    save_ditrt_checkpoint(m, tmp_path / "m.safetensors", extra={"note": "x"})
+    loaded = load_dit(tmp_path / "m.safetensors")
+    assert loaded.config == TINY
+    assert state_dict_hash(loaded) == state_dict_hash(m)
+    assert oct((tmp_path / "m.safetensors").stat().st_mode & 0o777) != "0o600"
+
+
+def test_dit_s2_official_and_diffusers_layouts_give_identical_outputs(tmp_path):
+    """A random DiT-S/2 saved in both layouts; diffusers' own model is the reference."""
+    from diffusers import DiTTransformer2DModel
+
+    cfg = CONFIGS["DiT-S/2"]
+    m = random_dit(cfg, std=0.02)
+    torch.save(m.state_dict(), tmp_path / "official.pt")
+
+    dcfg = {k: v for k, v in diffusers_compat.diffusers_config_dict(cfg).items() if not k.startswith("_")}
+    ref = DiTTransformer2DModel(**{**dcfg, "norm_eps": 1e-6}).eval()
+    ref.load_state_dict(diffusers_compat.official_to_diffusers(m.state_dict(), cfg))
+    ref.save_pretrained(tmp_path / "diffusers")
+
+    official = load_dit(tmp_path / "official.pt")
+    from_diffusers = load_dit(tmp_path / "diffusers")
+    x, t, y = _inputs(cfg)
+    with torch.no_grad():
+        expected = ref(x, timestep=t, class_labels=y).sample
+        # diffusers' timestep embedding divides by (half - 1): its port is exact with that constant
+        assert (from_diffusers(x, t, y) - expected).abs().max() <= 1e-5
+        # the official layout, read back, is the model that was saved
+        assert (official(x, t, y) - m(x, t, y)).abs().max() == 0
+        # and both loaders agree on every weight
+        for k, v in official.state_dict().items():
+            assert torch.equal(v, from_diffusers.state_dict()[k]), k
+
+
+def test_diffusers_model_with_untied_block_embedders_is_refused(tmp_path):
+    from diffusers import DiTTransformer2DModel
+
+    dcfg = {k: v for k, v in diffusers_compat.diffusers_config_dict(TINY).items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    DiTTransformer2DModel(**dcfg).save_pretrained(tmp_path / "d")  # fresh model: every block draws its own embedder
+    with pytest.raises(CheckpointError, match="own timestep/label embedder"):
+        load_dit(tmp_path / "d")
+
+
+def test_truncated_file_is_refused(tmp_path):
+    torch.save(random_dit(TINY).state_dict(), tmp_path / "ok.pt")
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated|corrupt"):
+        load_dit(tmp_path / "cut.pt")
+    save_ditrt_checkpoint(random_dit(TINY), tmp_path / "ok.safetensors")
+    data = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_dit(tmp_path / "cut.safetensors")
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": random_dit(TINY).state_dict(), "evil": _RunsCode(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="could run code"):
+        load_dit(tmp_path / "evil.pt")
+    assert not marker.exists()
+    # a legacy (non-zip) pickle is refused before unpickling anything
+    (tmp_path / "legacy.pt").write_bytes(pickle.dumps(_RunsCode(str(marker))))
+    with pytest.raises(CheckpointError, match="legacy pickle"):
+        load_dit(tmp_path / "legacy.pt")
+    assert not marker.exists()
+
+
+def test_head_count_is_inferred_for_named_widths_and_asked_for_otherwise(tmp_path):
+    cfg = CONFIGS["DiT-S/8"]
+    torch.save(random_dit(cfg).state_dict(), tmp_path / "s8.pt")
+    assert load_dit(tmp_path / "s8.pt").config == cfg
+    torch.save(random_dit(TINY).state_dict(), tmp_path / "tiny.pt")
+    with pytest.raises(CheckpointError, match="head count.*--config"):
+        load_dit(tmp_path / "tiny.pt")
+
+
+def test_foreign_state_dict_is_refused_naming_keys(tmp_path):
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)}, tmp_path / "resnet.pt")
+    with pytest.raises(CheckpointError, match="not a DiT checkpoint.*conv1.weight"):
+        load_dit(tmp_path / "resnet.pt")
+
+
+def test_wrong_architecture_names_the_first_mismatched_shapes(tmp_path):
+    torch.save(random_dit(TINY).state_dict(), tmp_path / "tiny.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_dit(tmp_path / "tiny.pt", config="DiT-S/2")
+    msg = str(e.value)
+    assert "shape mismatch" in msg and "pos_embed (1, 16, 64) vs (1, 256, 384)" in msg and "\n" not in msg
+
+
+def test_missing_file_and_bad_diffusers_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_dit(tmp_path / "nope.pt")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_dit(tmp_path / "d")
+    (tmp_path / "d" / "config.json").write_text(json.dumps({"norm_type": "ada_norm_zero"}))
+    with pytest.raises(CheckpointError, match="no diffusion_pytorch_model"):
+        load_dit(tmp_path / "d")
+    assert os.listdir(tmp_path / "d") == ["config.json"]
