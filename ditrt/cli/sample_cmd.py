@@ -76,11 +76,15 @@ def _load_with_config(spec, name):
 @click.argument("samples", type=click.Path(path_type=Path))
 @click.option("--reference", type=click.Path(path_type=Path), default=None, help="samples.npz made with the same seeds and labels.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(samples, reference, as_json):
+@click.option("--save", type=click.Path(path_type=Path), default=None, help="Also write the JSON object to this file.")
+def evaluate(samples, reference, as_json, save):
     """Quality of a digits sample set: FD (with its floor), class accuracy, paired PSNR."""
+    from ditrt.models.checkpoints import atomic_write
     from ditrt.quality.report import evaluate_samples
 
     result = evaluate_samples(samples, reference)
+    if save is not None:
+        atomic_write(save, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -1,0 +1,3 @@
+from ditrt.cli import main
+
+main()

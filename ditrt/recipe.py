@@ -1,0 +1,136 @@
+"""The quantization recipe: what ``ditrt calibrate`` writes and every later stage reads.
+
+A recipe directory holds
+- ``recipe.json``: :class:`Recipe` (method, precision, layer list, calibration settings, the hash
+  of the float model it was made from, ditrt version);
+- ``weights.safetensors``: ``model.<name>`` the full float state dict *after* balancing was folded
+  in (it computes exactly what the original float model computes), and for each quantized layer L
+  ``quant.L.weight_scale`` and, with activation quantization, ``quant.L.input_scale``
+  (``quant.L.weight_zero_point`` / ``quant.L.input_zero_point`` only in asymmetric, simulation-only
+  recipes).
+
+Quantizer semantics, shared by the torch simulation and the ONNX Q/DQ export:
+``q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax)``, ``x_hat = (q - zero_point) * scale``
+with ``qmin, qmax = -2^(b-1), 2^(b-1) - 1`` (signed; INT8 -128..127, INT4 -8..7), as ONNX
+QuantizeLinear/DequantizeLinear define them. Weight scales of a Linear with weight (out, in):
+``(out,)`` per output channel, or ``(out, in // block)`` block-wise along the input dimension.
+Input (activation) scales are per tensor: shape ``()``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ditrt import __version__
+from ditrt.errors import ArtifactError, ConfigError
+
+RECIPE_FORMAT = "ditrt-recipe"
+#: precision -> (weight bits, activation bits or None, weight granularity, deployable on TensorRT)
+PRECISIONS = {
+    "w8a8": (8, 8, "channel", True),
+    "w4a16": (4, None, "block", True),
+    "w4a8": (4, 8, "channel", False),  # the papers' setting: INT4 weights + INT8 activations is no TensorRT format
+}
+METHODS = ("minmax", "smoothquant", "ptq4dit")
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    steps: str = "250"  # the sampling schedule calibration runs
+    timesteps: int = 25  # uniformly spaced steps of that schedule that are recorded
+    samples: int = 32  # images per recorded step (each also with the null class)
+    cfg_scale: float = 1.5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: str
+    precision: str
+    layers: tuple[str, ...]
+    model_hash: str
+    model_config: dict
+    weight_bits: int = 8
+    act_bits: int | None = 8
+    weight_granularity: str = "channel"  # "channel" or "block"
+    block_size: int | None = None
+    symmetric: bool = True
+    scale_search: str = "mse"  # weights: "minmax", "percentile" or "mse"
+    act_scale_search: str = "mse"
+    alpha: float | None = None  # smoothquant migration strength
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    balanced_layers: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    ditrt_version: str = __version__
+
+    @property
+    def deployable(self) -> bool:
+        return self.symmetric and PRECISIONS[self.precision][3]
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["format"] = RECIPE_FORMAT
+        d["deployable"] = self.deployable
+        return json.dumps(d, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        d = json.loads(text)
+        if d.pop("format", None) != RECIPE_FORMAT:
+            raise ArtifactError("not a ditrt recipe.json (format field missing); create one with `ditrt calibrate`")
+        d.pop("deployable", None)
+        d["calibration"] = CalibrationSettings(**d.get("calibration", {}))
+        for k in ("layers", "balanced_layers", "notes"):
+            d[k] = tuple(d.get(k, ()))
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def precision_settings(precision: str) -> tuple[int, int | None, str, bool]:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def save_recipe(recipe: Recipe, tensors: dict, out_dir: Path) -> Path:
+    """Write ``recipe.json`` and ``weights.safetensors`` atomically (each file by rename)."""
+    from safetensors.torch import save_file
+
+    from ditrt.models.checkpoints import atomic_write
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(out_dir / "weights.safetensors", lambda tmp: save_file(contiguous, str(tmp), metadata={"format": RECIPE_FORMAT}))
+    atomic_write(out_dir / "recipe.json", lambda tmp: tmp.write_text(recipe.to_json()))
+    return out_dir
+
+
+def load_recipe(recipe_dir: Path) -> tuple[Recipe, dict]:
+    """The recipe and its tensors (``model.*`` and ``quant.*``)."""
+    from safetensors.torch import load_file
+
+    recipe_dir = Path(recipe_dir)
+    rj, wt = recipe_dir / "recipe.json", recipe_dir / "weights.safetensors"
+    if not rj.exists() or not wt.exists():
+        raise ArtifactError(f"{recipe_dir} is not a recipe folder (needs recipe.json and weights.safetensors); create it with `ditrt calibrate`")
+    try:
+        recipe = Recipe.from_json(rj.read_text())
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ArtifactError(f"{rj} is not a valid recipe ({e}); re-run `ditrt calibrate`") from None
+    try:
+        tensors = load_file(str(wt))
+    except Exception as e:
+        raise ArtifactError(f"{wt} cannot be read ({str(e).splitlines()[0]}); re-run `ditrt calibrate`") from None
+    return recipe, tensors
+
+
+def check_recipe_matches(recipe: Recipe, model_hash: str, source: str) -> None:
+    """Refuse a recipe made for other weights."""
+    if recipe.model_hash != model_hash:
+        raise ArtifactError(
+            f"this recipe was calibrated for model {recipe.model_hash[:12]}, not {source} ({model_hash[:12]}); "
+            "pass the --model it was made from, or re-run `ditrt calibrate` for this model"
+        )
