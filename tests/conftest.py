@@ -6,7 +6,7 @@ from ditrt.models.dit import DiT, DiTConfig
 
 @pytest.fixture(autouse=True)
 def _few_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # small models: one thread avoids oversubscription when processes share 2 cores
 
 
 def random_dit(config: DiTConfig, seed: int = 0, std: float = 0.05) -> DiT:

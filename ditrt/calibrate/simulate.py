@@ -32,7 +32,7 @@ class QuantLinear(nn.Module):
         self.input_scale: torch.Tensor | None = None
         self.input_zero_point: torch.Tensor | None = None
 
-    def set_scales(self, weight_scale, weight_zero_point=None, input_scale=None, input_zero_point=None) -> "QuantLinear":
+    def set_scales(self, weight_scale, weight_zero_point=None, input_scale=None, input_zero_point=None) -> QuantLinear:
         self.weight_scale = weight_scale.float()
         self.weight_zero_point = None if weight_zero_point is None else weight_zero_point.float()
         self.input_scale = None if input_scale is None else input_scale.float()

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 @main.command()
 @model_option
 @click.option("--config", "config_name", default=None, help="Named DiT config, when the checkpoint does not say (e.g. DiT-XL/2).")
+@click.option("--recipe", "recipe_dir", type=click.Path(path_type=Path), default=None,
+              help="Recipe folder from `ditrt calibrate`: sample the simulated quantized model.")  # fmt: skip
 @click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
 @click.option("--steps", default="250", show_default=True, help="Sampling steps: 250, 100, 50 (DDPM) or ddim50 (DDIM).")
 @click.option("--cfg-scale", default=1.5, show_default=True, type=float, help="Classifier-free guidance scale (1 = off).")
@@ -30,18 +32,22 @@ log = logging.getLogger(__name__)
 @device_option
 @click.option("--vae", "vae_dir", type=click.Path(path_type=Path), default=None, help="diffusers AutoencoderKL folder to decode latents.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
-def sample(model_spec, config_name, backend, steps, cfg_scale, guidance, num, classes, seed, batch_size, device, vae_dir, out_dir):
+def sample(model_spec, config_name, recipe_dir, backend, steps, cfg_scale, guidance, num, classes, seed, batch_size, device, vae_dir, out_dir):
     """Sample images: writes OUT/samples.png (a grid, one row per class) and OUT/samples.npz."""
+    from ditrt.diffusion.sample_set import SampleSet, default_labels, generate
     from ditrt.diffusion.sampler import SamplerConfig
     from ditrt.models.builtin import is_pixel_model, load_model
     from ditrt.quality.images import sample_grid, save_png
-    from ditrt.diffusion.sample_set import SampleSet, default_labels, generate
     from ditrt.runtime.torch_backend import TorchDenoiser
 
     device = resolve_device(device)
     model = load_model(model_spec) if config_name is None else _load_with_config(model_spec, config_name)
     cfg = model.config
     pixel = is_pixel_model(model)
+    if recipe_dir is not None:
+        from ditrt.calibrate.simulate import load_quantized
+
+        model, recipe = load_quantized(recipe_dir, model, model_source=str(model_spec))
     sampler = SamplerConfig(steps=str(steps), cfg_scale=cfg_scale, guidance=guidance, clip_denoised=pixel)
     labels = default_labels(num, cfg.num_classes, parse_classes(classes))
     seeds = [seed + i for i in range(num)]
@@ -50,7 +56,7 @@ def sample(model_spec, config_name, backend, steps, cfg_scale, guidance, num, cl
         denoiser, sampler, labels, seeds, num_classes=cfg.num_classes,
         image_shape=(cfg.in_channels, cfg.input_size, cfg.input_size), device=device, batch_size=batch_size, progress=True,
     )  # fmt: skip
-    settings = {"model": str(model_spec), "backend": backend, "sampler": sampler.to_dict(), "model_config": cfg.to_dict()}
+    settings = {"model": str(model_spec), "recipe": str(recipe_dir) if recipe_dir else None, "backend": backend, "sampler": sampler.to_dict(), "model_config": cfg.to_dict()}
     kind = "images" if pixel else "latents"
     if not pixel and vae_dir is not None:
         from ditrt.runtime.vae import decode_latents

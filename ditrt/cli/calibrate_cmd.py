@@ -1,0 +1,62 @@
+"""``ditrt calibrate``: a quantization recipe for a model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from ditrt.cli import main
+from ditrt.cli.options import device_option, model_option, resolve_device
+
+
+@main.command()
+@model_option
+@click.option("--method", type=click.Choice(["minmax", "smoothquant", "ptq4dit"]), default="ptq4dit", show_default=True)
+@click.option("--precision", type=click.Choice(["w8a8", "w4a16", "w4a8"]), default="w8a8", show_default=True,
+              help="w8a8 and w4a16 deploy to TensorRT; w4a8 (the papers' setting) is simulation only.")  # fmt: skip
+@click.option("--calib-timesteps", default=25, show_default=True, type=int, help="Recorded steps of the sampling run.")
+@click.option("--calib-samples", default=32, show_default=True, type=int, help="Images per recorded step (each also null-class).")
+@click.option("--steps", default="250", show_default=True, help="Sampling schedule the calibration run uses.")
+@click.option("--cfg-scale", default=1.5, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--quantize-all", is_flag=True, help="Also quantize embedders, adaLN and the final layer (the paper's setting).")
+@click.option("--alpha", default=0.5, show_default=True, type=float, help="SmoothQuant migration strength.")
+@click.option("--scale-search", type=click.Choice(["minmax", "percentile", "mse"]), default=None,
+              help="Scale search for weights and activations [default: minmax for --method minmax, else mse].")  # fmt: skip
+@click.option("--asymmetric", is_flag=True, help="Asymmetric quantizers (simulation only: TensorRT needs zero point 0).")
+@click.option("--block-size", type=click.Choice(["64", "128"]), default="64", show_default=True, help="INT4 weight block (w4a16).")
+@device_option
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+def calibrate(model_spec, method, precision, calib_timesteps, calib_samples, steps, cfg_scale, seed, quantize_all, alpha,
+              scale_search, asymmetric, block_size, device, out_dir):  # fmt: skip
+    """Calibrate a model: writes OUT/recipe.json and OUT/weights.safetensors."""
+    from ditrt.calibrate.observe import record_calibration_inputs
+    from ditrt.calibrate.ptq import CalibrateConfig
+    from ditrt.calibrate.ptq import calibrate as run_calibration
+    from ditrt.models.builtin import is_pixel_model, load_model
+    from ditrt.recipe import CalibrationSettings, save_recipe
+
+    device = resolve_device(device)
+    settings = CalibrationSettings(steps=str(steps), timesteps=calib_timesteps, samples=calib_samples, cfg_scale=cfg_scale, seed=seed)
+    config = CalibrateConfig(
+        method=method, precision=precision, quantize_all=quantize_all, alpha=alpha, scale_search=scale_search,
+        symmetric=not asymmetric, block_size=int(block_size), calibration=settings,
+    )  # fmt: skip
+    if calib_timesteps <= 0 or calib_samples <= 0:
+        from ditrt.errors import ConfigError
+
+        raise ConfigError("--calib-timesteps and --calib-samples must be positive")
+    start = time.time()
+    model = load_model(model_spec).to(device)
+    batches = record_calibration_inputs(model, settings, device=device, pixel_space=is_pixel_model(model), progress=True)
+    recipe, tensors = run_calibration(model, config, batches, device=device)
+    save_recipe(recipe, tensors, out_dir)
+    took = time.time() - start
+    click.echo(
+        f"wrote {out_dir}/recipe.json: {method} {precision}, {len(recipe.layers)} layers quantized, "
+        f"{len(recipe.balanced_layers)} balanced, {took:.1f} s"
+    )
+    for note in recipe.notes:
+        click.echo(f"note: {note}")
