@@ -76,7 +76,7 @@ class Recipe:
         return json.dumps(d, indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "Recipe":
+    def from_json(cls, text: str) -> Recipe:
         d = json.loads(text)
         if d.pop("format", None) != RECIPE_FORMAT:
             raise ArtifactError("not a ditrt recipe.json (format field missing); create one with `ditrt calibrate`")

@@ -36,7 +36,7 @@ class SampleSet:
         return atomic_write(Path(path), write)
 
     @classmethod
-    def load(cls, path: Path) -> "SampleSet":
+    def load(cls, path: Path) -> SampleSet:
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as z:

@@ -12,8 +12,9 @@ depends only on (seed, label, settings): two models sampled with the same seeds 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 

@@ -50,7 +50,7 @@ class DiTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DiTConfig":
+    def from_dict(cls, d: dict) -> DiTConfig:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
 

@@ -22,7 +22,7 @@ def evaluate_samples(samples: Path, reference: Path | None = None) -> dict:
         "fd_floor": metrics.fd_floor(),
         "class_accuracy": metrics.class_accuracy(s.data, s.labels),
         "psnr_db": None,
-        "num_samples": int(len(s.labels)),
+        "num_samples": len(s.labels),
     }
     if reference is not None:
         r = SampleSet.load(reference)

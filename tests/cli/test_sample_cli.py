@@ -11,7 +11,6 @@ from PIL import Image
 from ditrt.cli import main
 from ditrt.models.checkpoints import save_ditrt_checkpoint
 from ditrt.models.dit import CONFIGS
-
 from tests.conftest import random_dit
 
 

@@ -9,7 +9,6 @@ from ditrt.errors import CheckpointError
 from ditrt.models import diffusers_compat
 from ditrt.models.checkpoints import load_dit, save_ditrt_checkpoint, state_dict_hash
 from ditrt.models.dit import CONFIGS
-
 from tests.conftest import TINY, random_dit
 
 

@@ -4,12 +4,11 @@ import torch
 
 from ditrt.errors import ConfigError
 from ditrt.models.dit import CONFIGS, DiT, build_model, sincos_pos_embed_2d, timestep_embedding
-
 from tests.conftest import TINY, random_dit
 
 
 def test_registry_has_the_papers_twelve_configs_and_the_builtin():
-    for size in "S B L XL".split():
+    for size in ["S", "B", "L", "XL"]:
         for patch in (2, 4, 8):
             assert f"DiT-{size}/{patch}" in CONFIGS
     xl = CONFIGS["DiT-XL/2"]

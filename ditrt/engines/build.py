@@ -1,0 +1,169 @@
+"""``engine_from_onnx``: a strongly typed TensorRT engine from a ditrt ONNX graph, by composing
+Polygraphy's TensorRT loaders, written atomically with its sidecar.
+
+TensorRT is imported lazily: this module imports (and its pure parts run) without it.
+Precision comes only from the graph (TensorRT 10.12+ strong typing, the only mode on 11.x):
+float16 from its dtypes and Casts, INT8/INT4 from its Q/DQ nodes. No FP16/INT8 builder flags,
+no calibrator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from ditrt.engines.onnx_info import onnx_sha256, read_onnx
+from ditrt.engines.profile import BuildConfig, ShapeRange, profile_shapes, profile_to_dict
+from ditrt.engines.sidecar import make_sidecar, save_sidecar, sidecar_path
+from ditrt.errors import ArtifactError, ConfigError, MissingDependencyError
+from ditrt.models.checkpoints import atomic_write
+
+log = logging.getLogger(__name__)
+
+MIN_TENSORRT = (10, 12)
+INSTALL_HINT = (
+    "install TensorRT 10.12+ with `pip install tensorrt-cu12` (or tensorrt-cu13; the wheels fetch their libraries "
+    "from NVIDIA's index, pypi.nvidia.com) or run inside an NGC TensorRT container (nvcr.io/nvidia/tensorrt)"
+)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    out = []
+    for part in str(version).split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def import_tensorrt(*, builder: bool = True):
+    """The ``tensorrt`` module, or :class:`MissingDependencyError` with the install hint.
+
+    ``builder=True`` also requires the builder and ONNX parser (a lean runtime has neither)."""
+    try:
+        import tensorrt as trt
+    except Exception as e:  # noqa: BLE001  ImportError, or OSError/RuntimeError from a placeholder wheel without its libraries
+        detail = "" if isinstance(e, ModuleNotFoundError) else f" (import failed: {type(e).__name__})"
+        raise MissingDependencyError(f"TensorRT is not installed{detail}: {INSTALL_HINT}") from None
+    version = getattr(trt, "__version__", "0")
+    if _version_tuple(version) < MIN_TENSORRT:
+        raise MissingDependencyError(
+            f"TensorRT {version} is too old (ditrt needs 10.12+ for strongly typed networks): {INSTALL_HINT}"
+        )
+    if builder and not (hasattr(trt, "Builder") and hasattr(trt, "OnnxParser")):
+        raise MissingDependencyError(
+            f"the installed TensorRT {version} has no builder or ONNX parser (a lean runtime): {INSTALL_HINT}"
+        )
+    return trt
+
+
+def require_cuda_gpu() -> int:
+    """The index of the current CUDA device, or :class:`MissingDependencyError` saying why there is none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "a CPU-only build of torch" if torch.version.cuda is None else "torch sees no CUDA device"
+        raise MissingDependencyError(
+            f"TensorRT needs an NVIDIA GPU and there is none here ({why}, torch {torch.__version__}): "
+            "run on a machine with an NVIDIA GPU, its driver and a CUDA build of torch"
+        )
+    return torch.cuda.current_device()
+
+
+def gpu_identity(index: int) -> tuple[str, tuple[int, int]]:
+    """(name, compute capability) of CUDA device ``index``, as the sidecar records them."""
+    import torch
+
+    return torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index))
+
+
+def tensorrt_available(*, builder: bool = True) -> tuple[bool, str]:
+    """(True, "TensorRT X on GPU") when engines can be built (``builder``) and run here, else (False, why)."""
+    try:
+        trt = import_tensorrt(builder=builder)
+        index = require_cuda_gpu()
+    except MissingDependencyError as e:
+        return False, str(e)
+    name, capability = gpu_identity(index)
+    return True, f"TensorRT {trt.__version__} on {name} (sm_{capability[0]}{capability[1]})"
+
+
+def polygraphy_profile(shapes: dict[str, ShapeRange]):
+    """Our profile as a ``polygraphy.backend.trt.Profile``."""
+    from polygraphy.backend.trt import Profile
+
+    profile = Profile()
+    for name, r in shapes.items():
+        profile.add(name, min=r.min, opt=r.opt, max=r.max)
+    return profile
+
+
+def _build_engine_bytes(trt, onnx_path: Path, shapes: dict[str, ShapeRange], config: BuildConfig):
+    """Serialized engine (a buffer) from Polygraphy's loaders: parse -> configure -> build."""
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
+    from polygraphy.exception import PolygraphyException
+
+    # 10.12-10.x: the STRONGLY_TYPED creation flag; 11.x is strongly typed anyway (the flag is accepted).
+    strongly_typed = True if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") else None
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)
+    cache = str(config.timing_cache) if config.timing_cache is not None else None
+    if config.timing_cache is not None:
+        config.timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    pools = {trt.MemoryPoolType.WORKSPACE: int(config.workspace)} if config.workspace else None
+    builder_config = CreateConfig(
+        profiles=[polygraphy_profile(shapes)],
+        builder_optimization_level=config.opt_level,
+        load_timing_cache=cache,  # a missing file is fine: Polygraphy starts an empty cache
+        memory_pool_limits=pools,
+    )
+    try:
+        return EngineBytesFromNetwork(network, config=builder_config, save_timing_cache=cache)()
+    except PolygraphyException as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(
+            f"TensorRT could not build an engine from {onnx_path} ({reason}); check the graph with `ditrt check {onnx_path}` "
+            "and see the TensorRT log above"
+        ) from None
+
+
+def engine_from_onnx(onnx_path: Path, out_path: Path, config: BuildConfig | None = None) -> Path:
+    """Build ``out_path`` (a TensorRT engine) and ``out_path + ".json"`` (its sidecar) from ``onnx_path``.
+
+    One optimization profile from :func:`profile_shapes` (batch covering the doubled guidance
+    batch), builder optimization level and timing cache from ``config``. Both files are written
+    atomically: on any failure no half-written engine is left. Raises
+    :class:`MissingDependencyError` without TensorRT or a CUDA GPU, :class:`ArtifactError` for a
+    graph TensorRT refuses.
+    """
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    config = config if config is not None else BuildConfig()
+    if onnx_path.resolve() in (out_path.resolve(), sidecar_path(out_path).resolve()):
+        raise ConfigError(f"--out {out_path} would overwrite the ONNX; name the engine e.g. {onnx_path.with_suffix('.plan')}")
+    trt = import_tensorrt(builder=True)
+    device = require_cuda_gpu()
+    summary = read_onnx(onnx_path)
+    if summary.precision == "w4a8":
+        raise ConfigError(
+            f"{onnx_path} is w4a8 (INT4 weights, INT8 activations), which is no TensorRT format: export w8a8 or w4a16 to build an engine"
+        )
+    shapes = profile_shapes(summary.inputs, config)
+    onnx_hash = onnx_sha256(onnx_path, summary.external_data)
+    gpu_name, capability = gpu_identity(device)
+    log.info("building %s from %s (%s, batch %s) with TensorRT %s on %s", out_path, onnx_path, summary.precision,
+             config.engine_batch, trt.__version__, gpu_name)  # fmt: skip
+    engine_bytes = _build_engine_bytes(trt, onnx_path, shapes, config)  # on the current CUDA device, `device`
+    data = memoryview(engine_bytes).cast("B")
+    sidecar = make_sidecar(
+        tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
+        onnx_path=onnx_path, onnx_sha256=onnx_hash, engine_sha256=hashlib.sha256(data).hexdigest(),
+        precision=summary.precision, precision_source=summary.precision_source, profile=profile_to_dict(shapes),
+        build=config.to_dict(), onnx_metadata=summary.metadata,
+    )  # fmt: skip
+    atomic_write(out_path, lambda tmp: Path(tmp).write_bytes(data))
+    try:
+        save_sidecar(sidecar, out_path)
+    except BaseException:
+        out_path.unlink(missing_ok=True)  # an engine without its sidecar would be refused anyway
+        raise
+    log.info("wrote %s (%.1f MB) and %s", out_path, data.nbytes / 1e6, sidecar_path(out_path).name)
+    return out_path

@@ -1,0 +1,238 @@
+"""The TensorRT denoiser: a ditrt engine behind the same ``(x, t, y) -> output`` call as the torch
+and ONNX Runtime denoisers, so the sampler loop (DDPM math in torch, on the GPU) is unchanged.
+
+The pattern of NVIDIA's demo Diffusion runner, minus its race: every input and output is a
+torch CUDA tensor allocated once for the profile's largest batch and bound once with
+``set_tensor_address``; a call copies its inputs into those buffers, sets the input shapes when
+the batch changes, and enqueues ``execute_async_v3`` on *torch's current stream*, so the copies,
+the engine and whatever torch does with the output next are ordered on one stream with no
+synchronisation. Optionally one CUDA graph per batch size replays the engine launch.
+
+TensorRT 10.12+ / 11.x name-based I/O API only (``num_io_tensors``, ``get_tensor_name``,
+``get_tensor_mode``, ``get_tensor_dtype``, ``set_input_shape``, ``set_tensor_address``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ditrt.engines.build import gpu_identity, import_tensorrt, require_cuda_gpu
+from ditrt.engines.sidecar import load_sidecar, verify_sidecar
+from ditrt.errors import ArtifactError, ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+#: tensorrt dtype attribute -> torch dtype (looked up with getattr: not every version has every type)
+_TORCH_DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
+    "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}  # fmt: skip
+INPUTS = ("x", "t", "y")
+
+
+def _torch_dtype(trt, trt_dtype) -> torch.dtype:
+    for name, dtype in _TORCH_DTYPES.items():
+        if getattr(trt, name, None) == trt_dtype:
+            return dtype
+    raise ArtifactError(
+        f"the engine has an I/O tensor of type {trt_dtype}, which ditrt cannot bind; re-export the model with `ditrt export`"
+    )
+
+
+def _cuda_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ConfigError(f"TensorRT engines run on a CUDA device, not {device}; use --device cuda")
+    return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+
+
+class TensorRTDenoiser:
+    """``(x, t, y) -> (B, 2C, H, W)`` float32 on ``device``, computed by the engine at ``engine_path``.
+
+    Before deserializing, the sidecar is checked against the running TensorRT version, this GPU
+    and the engine file (and against ``onnx_path``, when given, to refuse a stale engine).
+
+    **The returned tensor is a view of a buffer that the next call overwrites**: use it (or
+    ``.clone()`` it) before calling again. All work is ordered on torch's current stream, so torch
+    code that reads the output on that stream needs no synchronisation.
+
+    ``use_cuda_graph=True`` captures one CUDA graph per batch size on first use (after a warm-up
+    launch, since TensorRT does deferred setup on the first enqueue after a shape change) and
+    replays it afterwards. Each captured batch size gets its own execution context, as TensorRT
+    recommends (a graph bakes in the context's shapes and memory), which costs one context's
+    activation memory per batch size seen.
+    """
+
+    def __init__(self, engine_path: Path, *, device: str = "cuda", use_cuda_graph: bool = False, onnx_path: Path | None = None):
+        self.engine_path = Path(engine_path)
+        self.use_cuda_graph = bool(use_cuda_graph)
+        trt = import_tensorrt(builder=False)
+        require_cuda_gpu()
+        self.device = _cuda_device(device)
+        gpu_name, capability = gpu_identity(self.device.index)
+        self.sidecar = load_sidecar(self.engine_path)
+        verify_sidecar(
+            self.sidecar, trt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
+            onnx_path=onnx_path, engine_path=self.engine_path,
+        )  # fmt: skip
+        self._trt = trt
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graph_contexts: dict[int, object] = {}
+        with torch.cuda.device(self.device):
+            self._runtime, self.engine = self._deserialize()
+            self._read_io()
+            self._context = self._new_context()  # eager context; in graph mode lent to the first captured batch
+            self._allocate()
+            self._capture_stream = torch.cuda.Stream(self.device) if self.use_cuda_graph else None
+
+    # ------------------------------------------------------------------------------ setup
+    def _deserialize(self):
+        from polygraphy.backend.trt import EngineFromPath
+        from polygraphy.backend.trt import util as trt_util
+        from polygraphy.exception import PolygraphyException
+
+        runtime = self._trt.Runtime(trt_util.get_trt_logger())  # kept alive as long as the engine
+        try:
+            engine = EngineFromPath(str(self.engine_path), runtime=runtime)()
+        except PolygraphyException:
+            raise ArtifactError(
+                f"TensorRT could not deserialize {self.engine_path}: {self.sidecar.rebuild_hint(self.engine_path)}"
+            ) from None
+        return runtime, engine
+
+    def _read_io(self) -> None:
+        trt, engine = self._trt, self.engine
+        self._dtypes: dict[str, torch.dtype] = {}
+        inputs, outputs = [], []
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            self._dtypes[name] = _torch_dtype(trt, engine.get_tensor_dtype(name))
+            (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(name)
+        if sorted(inputs) != sorted(INPUTS) or len(outputs) != 1:
+            raise ArtifactError(
+                f"engine {self.engine_path} has inputs {inputs} and outputs {outputs}; ditrt engines take x, t, y and "
+                "return one output: build it from a graph made by `ditrt export`"
+            )
+        self.output_name = outputs[0]
+        # (min, opt, max) shapes of profile 0, the only profile ditrt builds
+        self._profile = {n: [tuple(s) for s in engine.get_tensor_profile_shape(n, 0)] for n in INPUTS}
+        self.min_batch, self.max_batch = self._profile["x"][0][0], self._profile["x"][2][0]
+
+    def _new_context(self):
+        context = self.engine.create_execution_context()
+        if context is None:
+            raise ArtifactError(f"TensorRT could not create an execution context for {self.engine_path} (out of GPU memory?)")
+        return context
+
+    def _allocate(self) -> None:
+        """One buffer per I/O tensor, sized for the profile's max batch; bound to the eager context."""
+        self._buffers: dict[str, torch.Tensor] = {}
+        for name in INPUTS:
+            self._buffers[name] = torch.zeros(self._profile[name][2], dtype=self._dtypes[name], device=self.device)
+        self._set_batch(self._context, self.max_batch)  # the output shape at max batch sizes its buffer
+        out_shape = tuple(self._context.get_tensor_shape(self.output_name))
+        if any(d < 0 for d in out_shape):
+            raise ArtifactError(
+                f"engine {self.engine_path} has a data-dependent output shape {out_shape}; ditrt engines have static outputs"
+            )
+        self._buffers[self.output_name] = torch.empty(out_shape, dtype=self._dtypes[self.output_name], device=self.device)
+        self._context_batch = self.max_batch
+        self._bind(self._context)
+
+    def _bind(self, context) -> None:
+        for name, buf in self._buffers.items():
+            if not context.set_tensor_address(name, buf.data_ptr()):
+                raise RuntimeError(f"TensorRT refused the address of buffer {name!r}")  # an internal bug, not a user error
+
+    def _set_batch(self, context, batch: int) -> None:
+        for name in INPUTS:
+            shape = (batch, *self._profile[name][2][1:])
+            if not context.set_input_shape(name, shape):
+                raise InputError(f"the engine refused input {name!r} of shape {shape}; its profile is {self._profile[name]}")
+
+    # ------------------------------------------------------------------------------ running
+    def _execute(self, context) -> None:
+        stream = torch.cuda.current_stream(self.device).cuda_stream  # torch's stream: ordered with the copies
+        if not context.execute_async_v3(stream):
+            raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.engine_path}; see the TensorRT log")
+
+    def _run_eager(self, batch: int) -> None:
+        if self._context is None:  # lent to a captured graph; only possible after switching modes
+            self._context = self._new_context()
+            self._bind(self._context)
+            self._context_batch = None
+        if self._context_batch != batch:
+            self._set_batch(self._context, batch)
+            self._context_batch = batch
+        self._execute(self._context)
+
+    def _capture(self, batch: int) -> torch.cuda.CUDAGraph:
+        if self._context is not None:
+            context, self._context = self._context, None
+        else:
+            context = self._new_context()
+            self._bind(context)
+        self._set_batch(context, batch)
+        self._execute(context)  # warm-up: TensorRT's deferred setup after a shape change must not be captured
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self._capture_stream):  # current inside the block: _execute enqueues onto it
+            self._execute(context)
+        self._graphs[batch], self._graph_contexts[batch] = graph, context
+        log.debug("captured a CUDA graph for batch %d", batch)
+        return graph
+
+    def _check(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> int:
+        want = tuple(self._buffers["x"].shape[1:])
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise InputError(f"x must be (B, {', '.join(map(str, want))}) for engine {self.engine_path}, got {tuple(x.shape)}")
+        b = int(x.shape[0])
+        if tuple(t.shape) != (b,) or tuple(y.shape) != (b,):
+            raise InputError(f"t and y must be ({b},) to match x, got {tuple(t.shape)} and {tuple(y.shape)}")
+        if not self.min_batch <= b <= self.max_batch:
+            raise InputError(
+                f"a batch of {b} is outside engine {self.engine_path}'s profile [{self.min_batch}, {self.max_batch}] "
+                f"({self.max_batch // 2} images per call with guidance): sample with a smaller --batch-size or rebuild with a larger `ditrt build --batch`"
+            )
+        return b
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W), (B,), (B,) -> (B, 2C, H, W) float32, a view of a reused buffer (see the class doc)."""
+        b = self._check(x, t, y)
+        with torch.cuda.device(self.device):
+            # copy_ casts: x/t to the engine's float type, y to its integer type (int64 or int32)
+            self._buffers["x"][:b].copy_(x)
+            self._buffers["t"][:b].copy_(t)
+            self._buffers["y"][:b].copy_(y)
+            if self.use_cuda_graph:
+                graph = self._graphs.get(b)
+                if graph is None:
+                    graph = self._capture(b)
+                graph.replay()
+            else:
+                self._run_eager(b)
+            out = self._buffers[self.output_name][:b]  # leading-axis slice: contiguous, same address as bound
+        return out if out.dtype == torch.float32 else out.float()
+
+    # ------------------------------------------------------------------------------ lifetime
+    @property
+    def precision(self) -> str | None:
+        return self.sidecar.precision
+
+    def close(self) -> None:
+        """Release graphs, contexts, the engine and the buffers (in that order)."""
+        self._graphs.clear()
+        self._graph_contexts.clear()
+        self._context = None
+        self._capture_stream = None
+        self.engine = None
+        self._runtime = None
+        self._buffers = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,80 @@
+"""`ditrt build` and the TensorRT entry points where TensorRT (or a GPU) is absent: one line, no files."""
+
+import importlib.util
+
+import pytest
+from click.testing import CliRunner
+
+import ditrt.cli.build_cmd  # noqa: F401  (registers `build` on the group)
+from ditrt.cli import main
+from ditrt.engines import BuildConfig, engine_from_onnx, tensorrt_available
+from ditrt.errors import MissingDependencyError
+
+AVAILABLE, WHY = tensorrt_available()
+HAS_TRT_MODULE = importlib.util.find_spec("tensorrt") is not None
+needs_no_tensorrt = pytest.mark.skipif(
+    AVAILABLE, reason="TensorRT and a GPU are present: the build would succeed (see tests/tensorrt)"
+)
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@needs_no_tensorrt
+def test_build_without_tensorrt_exits_with_the_install_hint(tmp_path, tiny_onnx):
+    out = tmp_path / "out" / "tiny.plan"
+    result = CliRunner().invoke(main, ["build", "--onnx", str(tiny_onnx), "--out", str(out), "--batch", "1:2:4"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == f"ditrt: error: {WHY}"
+    if not HAS_TRT_MODULE:
+        assert "TensorRT is not installed" in lines[0] and "pip install tensorrt-cu12" in lines[0] and "NGC" in lines[0]
+    assert not out.exists() and not out.with_name("tiny.plan.json").exists()
+    assert not out.parent.exists() or _files(out.parent) == []  # no temp files either
+    assert _files(tmp_path) in (["tiny.onnx"], ["out", "tiny.onnx"])
+
+
+@needs_no_tensorrt
+def test_engine_from_onnx_without_tensorrt_raises_and_writes_nothing(tmp_path, tiny_onnx):
+    with pytest.raises(MissingDependencyError) as e:
+        engine_from_onnx(tiny_onnx, tmp_path / "tiny.plan", BuildConfig())
+    assert str(e.value) == WHY and "\n" not in WHY
+    assert _files(tmp_path) == ["tiny.onnx"]
+
+
+@needs_no_tensorrt
+def test_tensorrt_denoiser_without_tensorrt_says_why(tmp_path):
+    from ditrt.runtime.tensorrt_backend import TensorRTDenoiser
+
+    with pytest.raises(MissingDependencyError) as e:
+        TensorRTDenoiser(tmp_path / "m.plan")
+    assert "TensorRT" in str(e.value) or "GPU" in str(e.value)
+
+
+def test_tensorrt_available_gives_a_reason():
+    ok, why = tensorrt_available()
+    assert isinstance(ok, bool) and why and "\n" not in why
+    if not ok:
+        assert "TensorRT" in why or "GPU" in why
+
+
+@pytest.mark.parametrize("batch, message", [("1:8", "MIN:OPT:MAX"), ("8:4:16", "MIN <= OPT <= MAX"), ("x", "whole numbers")])
+def test_bad_batch_is_one_line_before_anything_else(tmp_path, tiny_onnx, batch, message):
+    result = CliRunner().invoke(main, ["build", "--onnx", str(tiny_onnx), "--out", str(tmp_path / "m.plan"), "--batch", batch])
+    assert result.exit_code == 2
+    assert result.output.startswith("ditrt: error: --batch") and message in result.output
+    assert _files(tmp_path) == ["tiny.onnx"]
+
+
+def test_missing_onnx_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(main, ["build", "--onnx", str(tmp_path / "none.onnx"), "--out", str(tmp_path / "m.plan")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    assert _files(tmp_path) == []
+
+
+def test_build_help_works_anywhere():
+    result = CliRunner().invoke(main, ["build", "--help"])
+    assert result.exit_code == 0
+    for option in ("--onnx", "--out", "--batch", "--opt-level", "--timing-cache", "--no-cfg", "--workspace"):
+        assert option in result.output
