@@ -1,0 +1,328 @@
+"""``check_onnx``: what TensorRT's strongly typed, explicit-quantization builder would reject.
+
+Runs ``onnx.checker`` (full check, shape inference included), then the Q/DQ rules of
+TensorRT 10.12+/11 (see ``/work/shared/reference/deployment-facts.md``):
+
+=====================  ==========================================================================
+rule                   what it asks
+=====================  ==========================================================================
+onnx-checker           the model is valid ONNX
+opset                  the declared opset covers the graph (LayerNorm 17, per-axis Q/DQ 13,
+                       float16 scales 19, Gelu 20, INT4 and ``block_size`` 21)
+zero-point             every Q/DQ zero point is 0 (TensorRT quantization is symmetric)
+scale-constant         scales and zero points are build-time constants
+qdq-dtype              Q input, scale and DQ output share one float type, and a weight DQ's output
+                       type is its consumer's activation type
+per-channel-axis       a per-channel weight DQ quantizes the consumer's output channels
+int4-block             INT4 is block-wise (``block_size`` 64 or 128) on one of the last two dims
+int4-weight-only       no INT4 Q/DQ on activations
+qdq-nonlinear          no Q/DQ feeding LayerNorm, Softmax or GELU-like ops
+qdq-attention          no Q/DQ on the attention MatMuls (both inputs activations)
+qdq-placement          an activation Q/DQ feeds only weighted ops (MatMul/Gemm/Conv)
+=====================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ditrt.errors import ArtifactError
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken rule: the node to fix (its name, or ``op#index`` if unnamed), the rule, why."""
+
+    node: str
+    rule: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.node or '<model>'}: [{self.rule}] {self.message}"
+
+
+INT4_BLOCK_SIZES = (64, 128)
+WEIGHTED_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
+NONLINEAR_OPS = {
+    "LayerNormalization", "SkipLayerNormalization", "GroupNormalization", "InstanceNormalization", "RMSNormalization",
+    "Softmax", "LogSoftmax", "Gelu", "FastGelu", "BiasGelu", "Erf", "Tanh",
+}  # fmt: skip
+#: Ops that move or retype data without computing: followed when looking for a Q/DQ's real consumer.
+PASS_THROUGH = {"Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten"}
+QDQ = {"QuantizeLinear", "DequantizeLinear"}
+
+
+def check_onnx(path: str | Path) -> list[Violation]:
+    """All violations in the ONNX file at ``path`` (empty if TensorRT should accept its Q/DQ)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"ONNX file {path} not found; create it with `ditrt export`")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise ArtifactError(
+            f"{path} is not a readable ONNX model ({type(e).__name__}); re-export it with `ditrt export`"
+        ) from None
+    found = []
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # ValidationError, InferenceError: one line of the first problem
+        found.append(Violation("", "onnx-checker", str(e).strip().splitlines()[0][:300]))
+    return found + _Checker(model, path.parent).run()
+
+
+class _Checker:
+    def __init__(self, model, base_dir: Path):
+        import onnx
+
+        self.model, self.base_dir = model, base_dir
+        g = model.graph
+        self.nodes = list(g.node)
+        self.inits = {t.name: t for t in g.initializer}
+        self.producer = {o: n for n in self.nodes for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in self.nodes:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.types = {t.name: t.data_type for t in g.initializer}
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+        except Exception:  # an invalid graph: the checker already said so; go on with what is declared
+            inferred = g
+        for vi in [*inferred.input, *inferred.value_info, *inferred.output]:
+            if vi.type.HasField("tensor_type"):
+                self.types.setdefault(vi.name, vi.type.tensor_type.elem_type)
+        for n in self.nodes:
+            if n.op_type == "Constant":
+                for a in n.attribute:
+                    if a.name == "value":
+                        self.types[n.output[0]] = a.t.data_type
+        self.found: list[Violation] = []
+
+    # ---------------------------------------------------------------------------- helpers
+    def name(self, node) -> str:
+        return node.name or f"{node.op_type}#{self.nodes.index(node)}"
+
+    def add(self, node, rule: str, message: str) -> None:
+        self.found.append(Violation(self.name(node) if node is not None else "", rule, message))
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant output, else None (loads external data if needed)."""
+        from onnx import external_data_helper, numpy_helper
+
+        t = self.inits.get(name)
+        if t is None:
+            p = self.producer.get(name)
+            if p is None or p.op_type != "Constant":
+                return None
+            t = next((a.t for a in p.attribute if a.name == "value"), None)
+            if t is None:
+                return None
+        if external_data_helper.uses_external_data(t):
+            t = type(t).FromString(t.SerializeToString())
+            external_data_helper.load_external_data_for_tensor(t, str(self.base_dir))
+        return numpy_helper.to_array(t)
+
+    def is_const(self, name: str) -> bool:
+        p = self.producer.get(name)
+        return name in self.inits or (p is not None and p.op_type == "Constant")
+
+    def is_weight(self, name: str) -> bool:
+        """A constant, possibly behind a DequantizeLinear and data-movement ops."""
+        while not self.is_const(name):
+            p = self.producer.get(name)
+            if p is None or p.op_type not in PASS_THROUGH | {"DequantizeLinear"}:
+                return False
+            name = p.input[0]
+        return True
+
+    def real_consumers(self, name: str):
+        """(consumer, input index, ops passed through) of ``name``, looking through Cast/Reshape/..."""
+        for c in self.consumers.get(name, []):
+            if c.op_type in PASS_THROUGH:
+                for cc, idx, via in self.real_consumers(c.output[0]):
+                    yield cc, idx, [c, *via]
+            else:
+                yield c, list(c.input).index(name), []
+
+    @staticmethod
+    def attr(node, key: str, default=None):
+        from onnx import helper
+
+        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == key), default)
+
+    # ------------------------------------------------------------------------------ rules
+    def run(self) -> list[Violation]:
+        self.check_opset()
+        for n in self.nodes:
+            if n.op_type in QDQ:
+                self.check_qdq_constants(n)
+                self.check_dtypes(n)
+                self.check_int4(n)
+            if n.op_type == "DequantizeLinear":
+                if self.is_const(n.input[0]):
+                    self.check_weight_axis(n)
+                else:
+                    self.check_placement(n)
+        return self.found
+
+    def required_opset(self) -> tuple[int, str]:
+        from onnx import TensorProto
+
+        need = [(17 if any(n.op_type == "LayerNormalization" for n in self.nodes) else 1, "LayerNormalization")]
+        if any(n.op_type == "Gelu" for n in self.nodes):
+            need.append((20, "Gelu"))
+        for n in self.nodes:
+            if n.op_type not in QDQ:
+                continue
+            scale_t = self.types.get(n.input[1])
+            if self.attr(n, "block_size", 0) or self.qtype(n) in (TensorProto.INT4, TensorProto.UINT4):
+                need.append((21, "INT4 / block-wise Q/DQ"))
+            elif scale_t in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
+                need.append((19, "float16/bfloat16 Q/DQ scales"))
+            elif self.attr(n, "axis") is not None and self.const(n.input[1]) is not None and self.const(n.input[1]).size > 1:
+                need.append((13, "per-axis Q/DQ"))
+        return max(need)
+
+    def check_opset(self) -> None:
+        need, why = self.required_opset()
+        if self.opset < need:
+            self.add(
+                None,
+                "opset",
+                f"the graph declares opset {self.opset} but {why} needs opset {need}; re-export with opset {max(need, 21)}",
+            )
+
+    def qtype(self, n) -> int | None:
+        """The integer type of a Q output / DQ input."""
+        if n.op_type == "DequantizeLinear":
+            return self.types.get(n.input[0])
+        if len(n.input) > 2 and n.input[2]:
+            return self.types.get(n.input[2])
+        return self.attr(n, "output_dtype") or 2  # UINT8 by default
+
+    def check_qdq_constants(self, n) -> None:
+        for idx, what in ((1, "scale"), (2, "zero point")):
+            if len(n.input) <= idx or not n.input[idx]:
+                continue
+            if not self.is_const(n.input[idx]):
+                self.add(
+                    n, "scale-constant", f"the {what} {n.input[idx]} is computed at run time; TensorRT needs build-time constants"
+                )
+            elif idx == 2:
+                zp = self.const(n.input[2])
+                if zp is not None and np.any(zp.astype(np.float64) != 0):
+                    self.add(
+                        n,
+                        "zero-point",
+                        f"zero point {n.input[2]} is not 0 (max |zp| {np.abs(zp.astype(np.float64)).max():g}); TensorRT quantization is symmetric",
+                    )
+
+    def check_dtypes(self, n) -> None:
+        from onnx import TensorProto
+
+        name_of = TensorProto.DataType.Name
+        scale_t = self.types.get(n.input[1])
+        if n.op_type == "QuantizeLinear":
+            x_t = self.types.get(n.input[0])
+            if None not in (x_t, scale_t) and x_t != scale_t:
+                self.add(
+                    n,
+                    "qdq-dtype",
+                    f"input is {name_of(x_t)} but the scale is {name_of(scale_t)}; strong typing needs one type (or Casts to float32 around the Q/DQ)",
+                )
+            return
+        src = self.producer.get(n.input[0])
+        if src is not None and src.op_type == "QuantizeLinear":
+            x_t = self.types.get(src.input[0])
+            if None not in (x_t, scale_t) and x_t != scale_t:
+                self.add(n, "qdq-dtype", f"dequantizes to {name_of(scale_t)} what {self.name(src)} quantized from {name_of(x_t)}")
+        for c, idx, via in self.real_consumers(n.output[0]):
+            if c.op_type in WEIGHTED_OPS and idx == 1 and not any(v.op_type == "Cast" for v in via):
+                act_t = self.types.get(c.input[0])
+                if None not in (act_t, scale_t) and act_t != scale_t:
+                    self.add(n, "qdq-dtype", f"dequantizes to {name_of(scale_t)} but {self.name(c)} computes in {name_of(act_t)}")
+
+    def check_int4(self, n) -> None:
+        from onnx import TensorProto
+
+        if self.qtype(n) not in (TensorProto.INT4, TensorProto.UINT4):
+            return
+        if n.op_type == "QuantizeLinear" or not self.is_const(n.input[0]):
+            self.add(
+                n, "int4-weight-only", "INT4 is weight-only in TensorRT: quantize activations to INT8/FP8 or leave them in float"
+            )
+            return
+        block = self.attr(n, "block_size", 0)
+        w = self.inits.get(n.input[0])
+        rank = len(w.dims) if w is not None else 2
+        axis = self.attr(n, "axis", 1)
+        axis = axis + rank if axis < 0 else axis
+        if block not in INT4_BLOCK_SIZES:
+            self.add(
+                n, "int4-block", f"INT4 weights need block-wise DequantizeLinear with block_size 64 or 128, got {block or 'none'}"
+            )
+        elif axis < rank - 2:
+            self.add(
+                n, "int4-block", f"INT4 blocks must run along one of the last two dims, got axis {axis} of a rank-{rank} weight"
+            )
+
+    def check_weight_axis(self, n) -> None:
+        scale = self.const(n.input[1])
+        if scale is None or scale.ndim != 1 or self.attr(n, "block_size", 0):
+            return  # per-tensor, or block-wise (checked by int4-block)
+        w = self.inits.get(n.input[0])
+        rank = len(w.dims) if w is not None else 2
+        axis = self.attr(n, "axis", 1)
+        axis = axis + rank if axis < 0 else axis
+        if w is not None and scale.size != w.dims[axis]:
+            self.add(n, "per-channel-axis", f"{scale.size} scales for axis {axis} of a weight shaped {list(w.dims)}")
+        for c, idx, via in self.real_consumers(n.output[0]):
+            want = self.output_channel_axis(c, idx, via, rank)
+            if want is not None and axis != want:
+                self.add(
+                    n,
+                    "per-channel-axis",
+                    f"axis {axis} is not the output-channel axis {want} of the weight as {self.name(c)} uses it; use axis {want}",
+                )
+
+    def output_channel_axis(self, c, idx: int, via, rank: int) -> int | None:
+        if idx != 1 or c.op_type not in WEIGHTED_OPS:
+            return None
+        if c.op_type in ("Conv", "ConvTranspose"):
+            return 0 if c.op_type == "Conv" else 1
+        if c.op_type == "Gemm":
+            axis = 0 if self.attr(c, "transB", 0) else 1
+        else:
+            axis = rank - 1  # MatMul B is (..., K, N)
+        for v in via:
+            if v.op_type == "Transpose":
+                perm = list(self.attr(v, "perm", list(range(rank))[::-1]))
+                axis = perm[axis]
+            elif v.op_type != "Cast":
+                return None  # reshaped: cannot tell
+        return axis
+
+    def check_placement(self, n) -> None:
+        for c, idx, via in self.real_consumers(n.output[0]):
+            where = f"{self.name(c)} ({c.op_type})" + (f" through {', '.join(v.op_type for v in via)}" if via else "")
+            if c.op_type in NONLINEAR_OPS:
+                self.add(n, "qdq-nonlinear", f"quantized activation feeds {where}; keep LayerNorm, Softmax and GELU in float")
+            elif c.op_type == "MatMul" and not any(self.is_weight(i) for i in c.input):
+                self.add(
+                    n,
+                    "qdq-attention",
+                    f"quantized activation feeds {where}, an activation x activation MatMul (attention BMM); keep it in float",
+                )
+            elif c.op_type not in WEIGHTED_OPS:
+                self.add(
+                    n,
+                    "qdq-placement",
+                    f"quantized activation feeds {where}; quantize only the inputs of weighted ops (MatMul/Gemm/Conv)",
+                )

@@ -1,0 +1,123 @@
+"""The ONNX Runtime denoiser: any graph from :func:`ditrt.export.export_onnx` behind the sampler's
+``(x, t, y) -> output`` call, on the CPU (or CUDA with onnxruntime-gpu).
+
+Session settings that keep quantized graphs on real integer kernels, with exact results:
+- ``MatMulAddFusion`` is disabled: it turns every exported Linear (3-D ``MatMul + Add``) into a float
+  Gemm before the Q/DQ fusions run, losing the int8 kernel (and at opset 21 it makes session creation
+  fail, onnxruntime#25526). Then ``Q -> DQ -> MatMul`` with an int8 DQ weight fuses to
+  ``MatMulIntegerToFloat`` and a block-wise INT4 DQ weight to ``MatMulNBits``.
+- ``session.qdq_matmulnbits_accuracy_level = 0``: ``MatMulNBits`` would otherwise quantize its float
+  activations to int8 on the fly (about 2% error); 0 keeps them float, as the graph says.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ditrt.errors import ArtifactError, InputError, MissingDependencyError
+from ditrt.export.spec import INPUT_NAMES, OUTPUT_NAMES
+
+log = logging.getLogger(__name__)
+
+DISABLED_OPTIMIZERS = ("MatMulAddFusion",)
+SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
+_PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def resolve_providers(providers=None) -> list[str]:
+    """None -> CPU. Accepts "cpu"/"cuda" or ONNX Runtime provider names; refuses ones not installed."""
+    import onnxruntime as ort
+
+    if providers is None:
+        return ["CPUExecutionProvider"]
+    if isinstance(providers, str):
+        providers = [providers]
+    names = [_PROVIDER_NAMES.get(p.lower(), p) for p in providers]
+    available = ort.get_available_providers()
+    for name in names:
+        if name not in available:
+            hint = (
+                "install onnxruntime-gpu (pip install -e '.[gpu]') in place of onnxruntime"
+                if name == "CUDAExecutionProvider"
+                else ""
+            )
+            raise MissingDependencyError(
+                f"ONNX Runtime provider {name} is not available here (available: {', '.join(available)}); {hint or 'pick one of those'}"
+            )
+    if "CPUExecutionProvider" not in names:
+        names.append("CPUExecutionProvider")  # fallback for ops the accelerator lacks
+    return names
+
+
+def make_session(path, *, providers=None, threads: int | None = None, optimized_model_path=None):
+    """An ``onnxruntime.InferenceSession`` with the settings above. ``threads`` (None: ONNX Runtime's
+    default) sets the intra-op thread count; ``optimized_model_path`` saves the graph as ONNX Runtime
+    rewrote it (to see which fused kernels it runs)."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"ONNX file {path} not found; create it with `ditrt export`")
+    so = ort.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    for key, value in SESSION_CONFIG.items():
+        so.add_session_config_entry(key, value)
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = str(optimized_model_path)
+    names = resolve_providers(providers)
+    try:
+        return ort.InferenceSession(os.fspath(path), so, providers=names, disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/InvalidProtobuf types
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"ONNX Runtime cannot load {path} ({first}); re-export it with `ditrt export`") from None
+
+
+class OnnxRuntimeDenoiser:
+    """``(x, t, y) -> output``: x (B, C, H, W), t (B,) float timesteps, y (B,) int64 labels, on any
+    device; returns a new float32 torch tensor (B, C_out, H, W) on ``x``'s device (the session runs on
+    host numpy arrays, so CUDA inputs are copied over and back)."""
+
+    def __init__(self, path, *, providers=None, threads: int | None = None):
+        self.path = Path(path)
+        self.session = make_session(self.path, providers=providers, threads=threads)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        if set(inputs) != set(INPUT_NAMES) or outputs != list(OUTPUT_NAMES):
+            raise ArtifactError(
+                f"{self.path} has inputs {sorted(inputs)} and outputs {outputs}, not x, t, y -> out; export it with `ditrt export`"
+            )
+        self.input_shapes = {n: tuple(i.shape) for n, i in inputs.items()}
+        self.input_dtypes = {n: _NUMPY.get(i.type) for n, i in inputs.items()}
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def _feed(self, name: str, value) -> np.ndarray:
+        arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        want = self.input_shapes[name]
+        if arr.ndim != len(want) or any(isinstance(w, int) and w != a for w, a in zip(want, arr.shape)):
+            shown = tuple(w if isinstance(w, int) else "batch" for w in want)
+            raise InputError(f"input {name} has shape {tuple(arr.shape)} but {self.path.name} expects {shown}")
+        dtype = self.input_dtypes[name]
+        if name == "y" and not np.issubdtype(arr.dtype, np.integer):
+            raise InputError(f"class labels y must be integers, got {arr.dtype}")
+        return np.ascontiguousarray(arr.astype(dtype, copy=False))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        feeds = {"x": self._feed("x", x), "t": self._feed("t", t), "y": self._feed("y", y)}
+        batches = {k: v.shape[0] for k, v in feeds.items()}
+        if len(set(batches.values())) != 1:
+            raise InputError(f"x, t and y must share one batch size, got {batches}")
+        out = self.session.run(list(OUTPUT_NAMES), feeds)[0]
+        device = x.device if isinstance(x, torch.Tensor) else "cpu"
+        return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(device)
