@@ -20,7 +20,10 @@ log = logging.getLogger(__name__)
 @click.option("--config", "config_name", default=None, help="Named DiT config, when the checkpoint does not say (e.g. DiT-XL/2).")
 @click.option("--recipe", "recipe_dir", type=click.Path(path_type=Path), default=None,
               help="Recipe folder from `ditrt calibrate`: sample the simulated quantized model.")  # fmt: skip
-@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), default=None, help="Exported graph (ONNX Runtime backend).")
+@click.option("--engine", "engine_path", type=click.Path(path_type=Path), default=None, help="TensorRT engine (TensorRT backend).")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+              help="auto: tensorrt with --engine, onnxruntime with --onnx, else torch.")  # fmt: skip
 @click.option("--steps", default="250", show_default=True, help="Sampling steps: 250, 100, 50 (DDPM) or ddim50 (DDIM).")
 @click.option("--cfg-scale", default=1.5, show_default=True, type=float, help="Classifier-free guidance scale (1 = off).")
 @click.option("--guidance", type=click.Choice(["official", "all"]), default="official", show_default=True,
@@ -32,14 +35,12 @@ log = logging.getLogger(__name__)
 @device_option
 @click.option("--vae", "vae_dir", type=click.Path(path_type=Path), default=None, help="diffusers AutoencoderKL folder to decode latents.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
-def sample(model_spec, config_name, recipe_dir, backend, steps, cfg_scale, guidance, num, classes, seed, batch_size, device, vae_dir, out_dir):
+def sample(model_spec, config_name, recipe_dir, onnx_path, engine_path, backend, steps, cfg_scale, guidance, num, classes, seed, batch_size, device, vae_dir, out_dir):
     """Sample images: writes OUT/samples.png (a grid, one row per class) and OUT/samples.npz."""
     from ditrt.diffusion.sample_set import SampleSet, default_labels, generate
     from ditrt.diffusion.sampler import SamplerConfig
     from ditrt.models.builtin import is_pixel_model, load_model
     from ditrt.quality.images import sample_grid, save_png
-    from ditrt.runtime.torch_backend import TorchDenoiser
-
     device = resolve_device(device)
     model = load_model(model_spec) if config_name is None else _load_with_config(model_spec, config_name)
     cfg = model.config
@@ -51,7 +52,8 @@ def sample(model_spec, config_name, recipe_dir, backend, steps, cfg_scale, guida
     sampler = SamplerConfig(steps=str(steps), cfg_scale=cfg_scale, guidance=guidance, clip_denoised=pixel)
     labels = default_labels(num, cfg.num_classes, parse_classes(classes))
     seeds = [seed + i for i in range(num)]
-    denoiser = TorchDenoiser(model, device=device)
+    backend = backend if backend != "auto" else "tensorrt" if engine_path else "onnxruntime" if onnx_path else "torch"
+    denoiser = _denoiser(backend, model, onnx_path, engine_path, device)
     data = generate(
         denoiser, sampler, labels, seeds, num_classes=cfg.num_classes,
         image_shape=(cfg.in_channels, cfg.input_size, cfg.input_size), device=device, batch_size=batch_size, progress=True,
@@ -70,6 +72,29 @@ def sample(model_spec, config_name, recipe_dir, backend, steps, cfg_scale, guida
         click.echo(f"wrote {out_dir / 'samples.png'} and {out_dir / 'samples.npz'}")
     else:
         click.echo(f"wrote latents to {out_dir / 'samples.npz'} (no image: pass --vae DIR with a diffusers AutoencoderKL to decode)")
+
+
+def _denoiser(backend: str, model, onnx_path, engine_path, device: str):
+    """The model behind the sampler: torch (float or simulated recipe), an ONNX graph, an engine."""
+    from ditrt.errors import ConfigError
+
+    if backend == "torch":
+        if onnx_path or engine_path:
+            raise ConfigError("--backend torch samples the checkpoint (and --recipe); drop --onnx/--engine or pick their backend")
+        from ditrt.runtime.torch_backend import TorchDenoiser
+
+        return TorchDenoiser(model, device=device)
+    if backend == "onnxruntime":
+        if onnx_path is None:
+            raise ConfigError("--backend onnxruntime needs --onnx M.onnx (create it with `ditrt export`)")
+        from ditrt.runtime.onnxruntime_backend import OnnxRuntimeDenoiser
+
+        return OnnxRuntimeDenoiser(onnx_path, providers=["CUDAExecutionProvider"] if device.startswith("cuda") else None)
+    if engine_path is None:
+        raise ConfigError("--backend tensorrt needs --engine M.plan (create it with `ditrt build`)")
+    from ditrt.runtime.tensorrt_backend import TensorRTDenoiser
+
+    return TensorRTDenoiser(engine_path, onnx_path=onnx_path)
 
 
 def _load_with_config(spec, name):

@@ -1,0 +1,62 @@
+"""Real DiT inputs for comparisons: noisy samples of a float sampling run at chosen steps, with
+valid labels (cond and null class), saved in Polygraphy's input-file format (a JSON list of feed
+dicts) so that ``polygraphy run --load-inputs`` can use them too."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ditrt.calibrate.observe import record_calibration_inputs
+from ditrt.recipe import CalibrationSettings
+
+Feed = dict[str, np.ndarray]
+
+
+@contextmanager
+def quiet_polygraphy():
+    """Polygraphy logs to stdout; keep it to errors so that ``--json`` output stays parseable."""
+    from polygraphy.logger import G_LOGGER
+
+    old = G_LOGGER.module_severity
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    try:
+        yield
+    finally:
+        G_LOGGER.module_severity = old
+
+
+def record_feeds(model, *, steps: str = "50", timesteps: int = 5, samples: int = 4, seed: int = 1234, pixel_space: bool = False) -> list[Feed]:
+    """Inputs ``{"x", "t", "y"}`` seen by the float model at ``timesteps`` steps of a sampling run."""
+    settings = CalibrationSettings(steps=steps, timesteps=timesteps, samples=samples, seed=seed)
+    batches = record_calibration_inputs(model, settings, pixel_space=pixel_space)
+    return [feed(x, t, y) for x, t, y in batches]
+
+
+def feed(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> Feed:
+    return {"x": x.float().numpy(), "t": t.float().numpy(), "y": y.long().numpy()}
+
+
+def save_feeds(feeds: list[Feed], path: Path) -> Path:
+    from polygraphy.json import save_json
+
+    from ditrt.models.checkpoints import atomic_write
+
+    with quiet_polygraphy():
+        return atomic_write(Path(path), lambda tmp: save_json(feeds, str(tmp), description="ditrt comparison inputs"))
+
+
+def load_feeds(path: Path) -> list[Feed]:
+    from polygraphy.json import load_json
+
+    from ditrt.errors import ArtifactError
+
+    try:
+        with quiet_polygraphy():
+            feeds = load_json(str(path), description="ditrt comparison inputs")
+    except Exception as e:
+        raise ArtifactError(f"{path} is not a Polygraphy input file ({str(e).splitlines()[0]}); save one with --save-inputs") from None
+    return [dict(f) for f in feeds]
