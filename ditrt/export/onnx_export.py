@@ -176,6 +176,10 @@ def _export_float(traced: DiT, opset: int, batch: int):
     """The float graph of ``traced`` (an :func:`export_copy`) as an ``onnx_ir.Model``, the dynamo
     exporter's own IR (it holds graphs over 2 GiB, and INT4 tensors)."""
     spec = DiTSpec.of(traced)
+    # the exporter logs one warning per torchvision op it cannot register; ditrt uses none of them
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter warns about shared batch symbols and deprecations
         program = torch.onnx.export(
@@ -189,6 +193,7 @@ def _export_float(traced: DiT, opset: int, batch: int):
             optimize=_OPTIMIZE,
             verbose=False,
         )
+    registration.setLevel(level)
     ir_model = program.model
     for node in ir_model.graph:
         for key in _DROPPED_NODE_METADATA:
