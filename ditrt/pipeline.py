@@ -105,7 +105,7 @@ def run_pipeline(model_spec: str, config: PipelineConfig, out_dir: Path, *, echo
 
     echo("[6/6] comparing the quantized graph with the torch simulation of the recipe (Polygraphy)")
     with clock("compare"):
-        report["compare"] = _compare(model, quantized_model(model, recipe, tensors), denoiser, backend, onnx_path, pixel, out_dir)
+        report["compare"] = _compare(model, quantized_model(model, recipe, tensors), recipe.precision, denoiser, backend, pixel, out_dir)
     report["timings_seconds"] = {k: round(v, 3) for k, v in timings.items()}
     _write_report(report, out_dir)
     return report
@@ -213,7 +213,7 @@ def _pictures(float_images, quant_images, labels, config, backend, out_dir: Path
     save_png(side_by_side([g_float, g_quant]), out_dir / "comparison.png")
 
 
-def _compare(model, simulated, denoiser, backend, onnx_path: Path, pixel: bool, out_dir: Path) -> dict:
+def _compare(model, simulated, simulated_precision: str, denoiser, backend, pixel: bool, out_dir: Path) -> dict:
     from ditrt.compare.accuracy import compare_runners
     from ditrt.compare.inputs import record_feeds, save_feeds
     from ditrt.compare.runners import DenoiserRunner
@@ -224,7 +224,11 @@ def _compare(model, simulated, denoiser, backend, onnx_path: Path, pixel: bool, 
     save_feeds(feeds, out_dir / "inputs.json")
     sim = DenoiserRunner(simulated, image_shape=shape, name="torch-simulated-recipe")
     quant = DenoiserRunner(denoiser, image_shape=shape, name=f"{backend}-quantized")
-    result = compare_runners(sim, quant, feeds)
+    # INT8 activation rounding is discontinuous: a 1-ulp float difference upstream flips an int8
+    # value near a rounding boundary, and flips cascade through the blocks (about 1e-3..1e-2 rel L2
+    # on the built-in model, none at all for float and INT4-weight-only graphs), hence the tolerance.
+    tol = 5e-2 if simulated_precision == "w8a8" else 1e-3
+    result = compare_runners(sim, quant, feeds, atol=tol, rtol=tol)
     records = [(torch.from_numpy(f["x"]), torch.from_numpy(f["t"]), torch.from_numpy(f["y"])) for f in feeds]
     c = model.config.in_channels
     result["noise_error_vs_float"] = error_by_timestep(model, denoiser, records, channels=c)

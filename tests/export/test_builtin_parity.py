@@ -41,7 +41,11 @@ def test_onnxruntime_matches_the_torch_simulation(builtin, batches, precision, t
     ort = OnnxRuntimeDenoiser(path, threads=1)
     with torch.no_grad():
         errors = [relative_error(reference(x, t, y), ort(x, t, y)) for x, t, y in batches]
-    assert max(errors) <= 1e-3, errors
+    # float and INT4-weight-only graphs are exact to float rounding. With INT8 activations a 1-ulp
+    # float difference flips an int8 value sitting at a rounding boundary and the flips cascade
+    # (measured 6e-4..1.2e-2 per forward, largest at t=0 where the noise prediction is small):
+    # the per-forward bound is 2e-2 there, and the sampling-run bound below is the same for all.
+    assert max(errors) <= (2e-2 if precision == "w8a8" else 1e-3), errors
     sampler = SamplerConfig(steps="50", cfg_scale=1.5, clip_denoised=True)
     labels, seeds = [i % 10 for i in range(10)], list(range(10))
     a = generate(reference, sampler, labels, seeds, num_classes=10, image_shape=(1, 8, 8))
