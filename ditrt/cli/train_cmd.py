@@ -16,14 +16,19 @@ def train():
 
 @train.command("dit")
 @click.option("--steps", default=2000, show_default=True, type=int)
+@click.option("--batch-size", default=128, show_default=True, type=int)
+@click.option("--lr", default=3e-4, show_default=True, type=float)
+@click.option("--warmup", default=100, show_default=True, type=int, help="Linear learning-rate warm-up steps.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--init", type=click.Path(path_type=Path, exists=True), default=None, help="Continue from these weights.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: the packaged built-in weights.")
-def train_dit_cmd(steps, seed, out):
-    """Train the built-in digits DiT (about 40 minutes on 2 CPU cores)."""
+def train_dit_cmd(steps, batch_size, lr, warmup, seed, init, out):
+    """Train the built-in digits DiT on 2 CPU cores (see the README for the two stages)."""
     from ditrt.models.builtin import BUILTIN_DIT
     from ditrt.training import DiTTrainConfig, train_dit
 
-    path = train_dit(DiTTrainConfig(steps=steps, seed=seed), out or BUILTIN_DIT)
+    config = DiTTrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup, seed=seed, init=str(init) if init else None)
+    path = train_dit(config, out or BUILTIN_DIT)
     click.echo(f"wrote {path}")
 
 
