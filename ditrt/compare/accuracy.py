@@ -33,7 +33,7 @@ def output_stats(ref: np.ndarray, test: np.ndarray) -> dict:
     }
 
 
-def compare_runners(reference, test, feeds: list[dict], *, atol: float = 1e-3, rtol: float = 1e-3) -> dict:
+def compare_runners(reference, test, feeds: list[dict], *, atol: float = 1e-3, rtol: float = 1e-3, error_stat: str = "elemwise") -> dict:
     """Run both Polygraphy runners on ``feeds`` and compare every common output.
 
     Returns ``{"reference", "test", "passed" (Polygraphy's simple atol/rtol check), "outputs":
@@ -44,7 +44,7 @@ def compare_runners(reference, test, feeds: list[dict], *, atol: float = 1e-3, r
 
     with quiet_polygraphy():
         results = Comparator.run([reference, test], data_loader=feeds)
-        passed = bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol)))
+        passed = bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat=error_stat)))
     ref_iters, test_iters = results[reference.name], results[test.name]
     names = [n for n in ref_iters[0].keys() if n in test_iters[0]]
     outputs = {}
@@ -54,7 +54,7 @@ def compare_runners(reference, test, feeds: list[dict], *, atol: float = 1e-3, r
         {"t": float(np.asarray(f["t"]).ravel()[0]), **{n: output_stats(r[n], s[n])["rel_l2"] for n in names}}
         for f, r, s in zip(feeds, ref_iters, test_iters)
     ]
-    return {"reference": reference.name, "test": test.name, "passed": passed, "atol": atol, "rtol": rtol,
+    return {"reference": reference.name, "test": test.name, "passed": passed, "atol": atol, "rtol": rtol, "error_stat": error_stat,
             "outputs": outputs, "per_feed": per_feed}  # fmt: skip
 
 
