@@ -454,12 +454,7 @@ def main(argv=None) -> int:
     }  # fmt: skip
     results = summarise(rows, speed, memory, sizes, kernels, args)
     text = table(results) + "\n\n" + "\n".join(f"- {n}" for n in notes(results, meta, args)) + "\n"
-    print()
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2))
-    (args.out / f"{args.name}.md").write_text(f"# Backends side by side: {args.model}\n\n{text}")
-    print(f"wrote {args.out / (args.name + '.json')} and {args.out / (args.name + '.md')}")
+    procstat.write_results(args.out, args.name, {"meta": meta, "rows": results}, f"Backends side by side: {args.model}", text)
     return 0
 
 

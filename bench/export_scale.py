@@ -347,12 +347,7 @@ def main(argv=None) -> int:
         if own_work and not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)
     text = table(rows, meta)
-    print()
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (args.out / f"{args.name}.md").write_text(f"# Export at scale: {args.config}, {args.dtype} graphs\n\n{text}")
-    print(f"wrote {args.out / (args.name + '.json')} and {args.out / (args.name + '.md')}")
+    procstat.write_results(args.out, args.name, {"meta": meta, "rows": rows}, f"Export at scale: {args.config}, {args.dtype} graphs", text)
     return 1 if any("error" in r or r.get("check_violations") for r in rows) else 0
 
 

@@ -84,3 +84,15 @@ def onnx_file_bytes(path: Path) -> tuple[int, int]:
     path = Path(path)
     data = path.parent / (path.name + ".data")
     return path.stat().st_size, data.stat().st_size if data.exists() else 0
+
+
+def write_results(out: Path, name: str, payload: dict, title: str, text: str) -> None:
+    """Print ``text`` and write ``out/name.json`` (``payload``) and ``out/name.md`` (``title`` + ``text``)."""
+    import json
+
+    print()
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    (out / f"{name}.md").write_text(f"# {title}\n\n{text}")
+    print(f"wrote {out / (name + '.json')} and {out / (name + '.md')}")
