@@ -77,7 +77,7 @@ def run_pipeline(model_spec: str, config: PipelineConfig, out_dir: Path, *, echo
     report["check"] = {"violations": [str(v) for v in violations], "passed": not violations}
     report["sizes_bytes"] = {"onnx": onnx_path.stat().st_size, "recipe_weights": (out_dir / "recipe" / "weights.safetensors").stat().st_size}
 
-    denoiser, backend = _quantized_backend(model, onnx_path, out_dir, config, clock, echo, report)
+    denoiser, backend = _quantized_backend(model, recipe, tensors, onnx_path, out_dir, config, clock, echo, report)
 
     labels = default_labels(config.num, cfg.num_classes, list(config.classes) if config.classes else None)
     seeds = [config.seed + i for i in range(config.num)]
@@ -148,7 +148,7 @@ def _export_and_check(model, recipe, tensors, out_dir: Path, clock):
     return path, violations
 
 
-def _quantized_backend(model, onnx_path: Path, out_dir: Path, config: PipelineConfig, clock, echo, report):
+def _quantized_backend(model, recipe, tensors, onnx_path: Path, out_dir: Path, config: PipelineConfig, clock, echo, report):
     from ditrt.engines.build import tensorrt_available
 
     ok, reason = tensorrt_available()
@@ -159,10 +159,6 @@ def _quantized_backend(model, onnx_path: Path, out_dir: Path, config: PipelineCo
         from ditrt.runtime.tensorrt_backend import TensorRTDenoiser
 
         echo("[3/6] building the TensorRT engine (strongly typed, float16 graph)")
-        recipe_dir = out_dir / "recipe"
-        from ditrt.recipe import load_recipe
-
-        recipe, tensors = load_recipe(recipe_dir)
         with clock("build"):
             fp16 = export_onnx(model, out_dir / "model-fp16.onnx", dtype="fp16", recipe=recipe, tensors=tensors)
             plan = engine_from_onnx(fp16, out_dir / "model.plan", BuildConfig(batch_max=min(config.num, 256)))

@@ -87,12 +87,12 @@ def _folded_float_graph(model, recipe_dir, tmp: Path) -> Path:
 
     if recipe_dir is None:
         raise ConfigError("--per-layer needs a second graph: pass --reference-onnx, or --recipe to export its float graph")
-    from ditrt.calibrate.simulate import load_quantized
     from ditrt.export.qdq import folded_model
-    from ditrt.recipe import load_recipe
+    from ditrt.models.checkpoints import state_dict_hash
+    from ditrt.recipe import check_recipe_matches, load_recipe
 
-    load_quantized(recipe_dir, model)  # checks the recipe belongs to this model
-    _, tensors = load_recipe(recipe_dir)
+    recipe, tensors = load_recipe(recipe_dir)
+    check_recipe_matches(recipe, state_dict_hash(model), "--model")
     return export_onnx(folded_model(model, tensors), tmp / "folded-float.onnx", dtype="fp32")
 
 
