@@ -44,20 +44,49 @@ def record_calibration_inputs(
 
 @dataclass
 class LayerStats:
-    """What was seen at the input of one Linear: ``channel_max`` (T, C) per recorded step,
-    ``absmax``/``min``/``max`` over everything, and ``samples``, a bounded random subset of values."""
+    """What was seen at the input of one Linear: the per-channel max |X| at each recorded step,
+    ``absmax``/``min``/``max`` over everything, and a bounded random subset of values.
 
-    channel_max: list[torch.Tensor] = field(default_factory=list)
+    Rows are written into buffers allocated once (``rows`` calls): keeping one small new tensor per
+    call alive between the forward pass's large temporaries fragments glibc's heap, which grew a
+    CPU calibration of the built-in model to several GB.
+    """
+
+    rows: int
+    count: int = 0
     absmax: float = 0.0
     min: float = float("inf")
     max: float = float("-inf")
-    samples: list[torch.Tensor] = field(default_factory=list)
+    _channel_max: torch.Tensor | None = None
+    _samples: torch.Tensor | None = None
+    _sample_counts: list[int] = field(default_factory=list)
+
+    def add(self, flat: torch.Tensor, keep: torch.Tensor | None) -> None:
+        """One call's input ``flat`` (tokens, C); ``keep``: indices of the values to sample (all if None)."""
+        values = flat.reshape(-1) if keep is None else flat.reshape(-1)[keep]
+        if self._channel_max is None:
+            self._channel_max = torch.empty(self.rows, flat.shape[-1])
+            self._samples = torch.empty(self.rows, values.numel())
+        if self.count == self.rows:  # more calls than expected: grow (rare; a module called twice)
+            self.rows *= 2
+            self._channel_max = torch.cat([self._channel_max, torch.empty_like(self._channel_max)])
+            self._samples = torch.cat([self._samples, torch.empty_like(self._samples)])
+        torch.amax(flat.abs(), dim=0, out=self._channel_max[self.count])
+        n = min(values.numel(), self._samples.shape[1])
+        self._samples[self.count, :n] = values[:n]
+        self._sample_counts.append(n)
+        self.absmax = max(self.absmax, float(flat.abs().max()))
+        self.min, self.max = min(self.min, float(flat.min())), max(self.max, float(flat.max()))
+        self.count += 1
 
     def channel_max_by_step(self) -> torch.Tensor:
-        return torch.stack(self.channel_max)
+        """(T, C): per-channel max |X| of each recorded call."""
+        return self._channel_max[: self.count] if self._channel_max is not None else torch.zeros(0, 0)
 
     def sample_values(self) -> torch.Tensor:
-        return torch.cat(self.samples) if self.samples else torch.zeros(1)
+        if not self.count:
+            return torch.zeros(1)
+        return torch.cat([self._samples[i, :n] for i, n in enumerate(self._sample_counts)])
 
 
 def observe_linear_inputs(
@@ -71,21 +100,16 @@ def observe_linear_inputs(
 ) -> dict[str, LayerStats]:
     """Run ``batches`` (one per recorded step) through ``model`` and collect :class:`LayerStats`
     for the input of each named Linear."""
-    stats = {name: LayerStats() for name in layers}
+    stats = {name: LayerStats(rows=max(1, len(batches))) for name in layers}
     gen = torch.Generator().manual_seed(seed)
 
     def hook_for(name):
         def hook(_module, inputs):
-            x = inputs[0].detach().float()
-            s = stats[name]
-            flat = x.reshape(-1, x.shape[-1])  # (tokens, C)
-            s.channel_max.append(flat.abs().amax(0).cpu())
-            s.absmax = max(s.absmax, float(flat.abs().max()))
-            s.min, s.max = min(s.min, float(flat.min())), max(s.max, float(flat.max()))
-            values = flat.reshape(-1).cpu()
-            if values.numel() > samples_per_batch:
-                values = values[torch.randint(0, values.numel(), (samples_per_batch,), generator=gen)]
-            s.samples.append(values)
+            flat = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1]).cpu()  # (tokens, C)
+            keep = None
+            if flat.numel() > samples_per_batch:
+                keep = torch.randint(0, flat.numel(), (samples_per_batch,), generator=gen)
+            stats[name].add(flat, keep)
 
         return hook
 
