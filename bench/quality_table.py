@@ -1,9 +1,18 @@
-"""The quality table: float vs minmax / smoothquant / ptq4dit at w8a8, w4a16, w4a8 (simulated),
-on the built-in model and its stress variant, at 250, 100 and 50 sampling steps.
+"""The quality table: float vs every calibration method at w8a8, w4a16, w4a8 (simulated), on the
+built-in model and its stress variant, at 250, 100 and 50 sampling steps.
 
 A benchmark, not a test: it writes docs/results/quality.md and docs/results/quality.json.
 
-    .venv/bin/python bench/quality_table.py --num 100 --out docs/results
+    .venv/bin/python bench/quality_table.py --num 32 --out docs/results
+
+Each row is cached (``--cache``) as soon as it is measured, so the table can be built in parts
+(``--models``, ``--methods``, ``--precisions``, ``--steps`` select what to measure) and is always
+written from every cached row measured with the same ``--num``.
+
+A method is a spec: a base method (``minmax``, ``smoothquant``, ``ptq4dit``, and whatever else
+``ditrt calibrate --method`` accepts), optionally followed by ``+option`` suffixes that map to
+:class:`CalibrateConfig` fields, e.g. ``ptq4dit+recon`` (block reconstruction), ``minmax+k4``
+(4 timestep groups of activation scales), ``qdit+dyn`` (dynamic activations, simulation only).
 
 Primary columns: paired PSNR of each quantized model's samples against the float model's samples
 made from the same seeds and labels, and the mean per-timestep relative error of the noise
@@ -37,6 +46,23 @@ from ditrt.recipe import CalibrationSettings
 
 METHODS = ("minmax", "smoothquant", "ptq4dit")
 PRECISIONS = ("w8a8", "w4a16", "w4a8")
+#: method-spec suffix -> CalibrateConfig fields
+OPTIONS = {
+    "recon": {"reconstruct": True},
+    "dyn": {"dynamic_activations": True},
+    "k2": {"timestep_groups": 2},
+    "k4": {"timestep_groups": 4},
+}
+
+
+def config_for(spec: str, precision: str, settings: CalibrationSettings) -> CalibrateConfig:
+    base, *opts = spec.split("+")
+    fields = {}
+    for o in opts:
+        if o not in OPTIONS:
+            raise SystemExit(f"unknown method option +{o}; known: {', '.join(OPTIONS)}")
+        fields.update(OPTIONS[o])
+    return CalibrateConfig(method=base, precision=precision, calibration=settings, **fields)
 
 
 def stress_variant(model, batches):
@@ -62,47 +88,93 @@ def sample_images(model, steps: str, labels, seeds):
     return generate(model, sampler, labels, seeds, num_classes=cfg.num_classes, image_shape=(1, 8, 8), batch_size=512)
 
 
-def run(args) -> dict:
+class Cache:
+    """One JSON file per measured row, one npz per float reference sample set."""
+
+    def __init__(self, root: Path, num: int):
+        self.root = Path(root) / f"n{num}"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, *key, ext="json") -> Path:
+        return self.root / ("__".join(str(k) for k in key) + f".{ext}")
+
+    def row(self, *key) -> dict | None:
+        p = self._path(*key)
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def put_row(self, row: dict, *key) -> None:
+        atomic_write(self._path(*key), lambda tmp: tmp.write_text(json.dumps(row, indent=1)))
+
+    def reference(self, model_name: str, steps: str, make) -> np.ndarray:
+        p = self._path(model_name, "float", steps, ext="npy")
+        if p.exists():
+            return np.load(p)
+        imgs = np.asarray(make())
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.save(f, imgs)
+
+        atomic_write(p, write)
+        return imgs
+
+    def rows(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.root.glob("*.json"))]
+
+
+def run(args) -> None:
     torch.manual_seed(0)
+    cache = Cache(args.cache, args.num)
     base = load_model("builtin")
     settings = CalibrationSettings()
     labels = [i % 10 for i in range(args.num)]
     seeds = list(range(args.num))
-    results = {"settings": vars(args), "ditrt_version": __version__, "torch": torch.__version__,
-               "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "rows": []}  # fmt: skip
     t0 = time.time()
     base_batches = record_calibration_inputs(base, settings, pixel_space=True)
-    variants = {"builtin": (base, base_batches)}
-    if not args.skip_stress:
-        stressed, info = stress_variant(base, base_batches)
-        variants["stress"] = (stressed, record_calibration_inputs(stressed, settings, pixel_space=True))
-        results["stress_variant"] = info
-    for vname, (model, batches) in variants.items():
-        recipes = {}
-        for method in METHODS:
-            for precision in PRECISIONS:
-                c0 = time.time()
-                recipe, tensors = calibrate(model, CalibrateConfig(method=method, precision=precision, calibration=settings), batches)
-                q = quantized_model(model, recipe, tensors)
-                recipes[(method, precision)] = (q, time.time() - c0, noise_error(model, q, batches))
-                log(f"{vname} {method} {precision}: calibrated in {time.time() - c0:.1f} s")
+    log(f"calibration inputs recorded in {time.time() - t0:.1f} s")
+    variants = {"builtin": lambda: (base, base_batches)}
+
+    def stressed():
+        model, info = stress_variant(base, base_batches)
+        (cache.root / "stress_variant.json").write_text(json.dumps(info, indent=1, default=str))
+        return model, record_calibration_inputs(model, settings, pixel_space=True)
+
+    variants["stress"] = stressed
+    for vname in args.models:
+        model, batches = variants[vname]()
+        refs = {}
         for steps in args.steps:
-            ref = sample_images(model, steps, labels, seeds)
-            results["rows"].append(_row(vname, "float", "fp32", steps, ref, ref, labels, 0.0, (0.0, 0.0)))
-            for (method, precision), (q, ctime, nerr) in recipes.items():
-                imgs = sample_images(q, steps, labels, seeds)
-                results["rows"].append(_row(vname, method, precision, steps, ref, imgs, labels, ctime, nerr))
-                log(f"{vname} {steps} {method} {precision}: psnr {results['rows'][-1]['psnr_db']:.2f} dB")
-    results["fd_floor"] = metrics.fd_floor()
-    results["seconds"] = round(time.time() - t0, 1)
-    return results
+            if cache.row(vname, "float", "fp32", steps) is None:
+                c0 = time.time()
+                ref = cache.reference(vname, steps, lambda: sample_images(model, steps, labels, seeds))
+                cache.put_row(_row(vname, "float", "fp32", steps, ref, ref, labels, None, (0.0, 0.0), time.time() - c0), vname, "float", "fp32", steps)
+            refs[steps] = cache.reference(vname, steps, lambda: sample_images(model, steps, labels, seeds))
+        for spec in args.methods:
+            for precision in args.precisions:
+                todo = [s for s in args.steps if cache.row(vname, spec, precision, s) is None]
+                if not todo:
+                    continue
+                c0 = time.time()
+                recipe, tensors = calibrate(model, config_for(spec, precision, settings), batches)
+                q = quantized_model(model, recipe, tensors)
+                ctime = time.time() - c0
+                nerr = noise_error(model, q, batches)
+                log(f"{vname} {spec} {precision}: calibrated in {ctime:.1f} s, noise error {nerr[0]:.4f}")
+                for steps in todo:
+                    s0 = time.time()
+                    imgs = sample_images(q, steps, labels, seeds)
+                    row = _row(vname, spec, precision, steps, refs[steps], imgs, labels, ctime, nerr, time.time() - s0)
+                    row["deployable"] = recipe.deployable
+                    cache.put_row(row, vname, spec, precision, steps)
+                    log(f"{vname} {steps} {spec} {precision}: psnr {row['psnr_db']:.2f} dB ({row['sample_seconds']:.0f} s)")
 
 
-def _row(variant, method, precision, steps, ref, imgs, labels, ctime, nerr) -> dict:
+def _row(variant, method, precision, steps, ref, imgs, labels, ctime, nerr, seconds) -> dict:
     return {
         "model": variant, "method": method, "precision": precision, "steps": steps,
         "psnr_db": metrics.paired_psnr(ref, imgs), "noise_rel_error_mean": nerr[0], "noise_rel_error_max": nerr[1],
-        "fd": metrics.fd_to_real(imgs), "class_accuracy": metrics.class_accuracy(imgs, labels), "calib_seconds": round(ctime, 1),
+        "fd": metrics.fd_to_real(imgs), "class_accuracy": metrics.class_accuracy(imgs, labels),
+        "calib_seconds": None if ctime is None else round(ctime, 1), "sample_seconds": round(seconds, 1),
     }  # fmt: skip
 
 
@@ -110,19 +182,28 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _order(rows: list[dict]) -> list[dict]:
+    steps = {"250": 0, "100": 1, "50": 2}
+    prec = {"fp32": 0, **{p: i + 1 for i, p in enumerate(PRECISIONS)}}
+    methods = list(dict.fromkeys(["float", *METHODS, *sorted(r["method"] for r in rows)]))
+    return sorted(rows, key=lambda r: (r["model"] != "builtin", steps.get(str(r["steps"]), 9), prec.get(r["precision"], 9), methods.index(r["method"])))
+
+
 def markdown(results: dict, command: str) -> str:
     lines = [
         "# Quality of quantized recipes on the built-in model",
         "",
-        f"Generated by `{command}` (ditrt {results['ditrt_version']}, torch {results['torch']}, "
-        f"{results['machine']}, {results['seconds']:.0f} s). Do not edit by hand.",
+        f"Generated by `{command}` (ditrt {results['ditrt_version']}, torch {results['torch']}, {results['machine']}). "
+        "Do not edit by hand; rows are cached per (model, method, precision, steps) and the table is rebuilt from the cache.",
         "",
-        f"{results['settings']['num']} samples per row (labels cycling 0-9, seeds 0..N-1), cfg 1.5, DDPM; "
+        f"{results['num']} samples per row (labels cycling 0-9, seeds 0..N-1), cfg 1.5, DDPM; "
         "calibration: 25 steps of the 250-step run x 32 samples (+ null class). "
         "PSNR: against the float model's samples with the same seeds (higher is better; primary). "
         "noise err: mean (max) over the 25 calibration steps of the relative L2 error of the noise prediction "
-        f"(primary). FD floor (two halves of the real digits): {results['fd_floor']:.2f}. "
-        "w4a8 is simulation only (no TensorRT format).",
+        f"(primary). FD floor (two halves of the real digits, ~900 each): {results['fd_floor']:.2f}; FD of "
+        f"{results['num']} samples carries a small-sample bias, so compare FDs within this table only. "
+        "calib s: calibration time on the recorded inputs (the shared 250-step recording run excluded). "
+        "Rows marked (sim) are simulation only (no TensorRT format): w4a8, asymmetric or dynamic activations.",
         "",
     ]
     for variant in dict.fromkeys(r["model"] for r in results["rows"]):
@@ -131,28 +212,39 @@ def markdown(results: dict, command: str) -> str:
         for r in results["rows"]:
             if r["model"] != variant:
                 continue
-            psnr = "ref" if r["method"] == "float" else f"{r['psnr_db']:.2f}"
-            err = "-" if r["method"] == "float" else f"{r['noise_rel_error_mean']:.4f} ({r['noise_rel_error_max']:.4f})"
-            lines.append(
-                f"| {r['steps']} | {r['method']} | {r['precision']} | {psnr} | {err} | {r['fd']:.2f} | {r['class_accuracy']:.3f} | "
-                f"{r['calib_seconds'] if r['method'] != 'float' else '-'} |"
-            )
+            is_float = r["method"] == "float"
+            psnr = "ref" if is_float else f"{r['psnr_db']:.2f}"
+            err = "-" if is_float else f"{r['noise_rel_error_mean']:.4f} ({r['noise_rel_error_max']:.4f})"
+            prec = r["precision"] + ("" if is_float or r.get("deployable", True) else " (sim)")
+            calib = "-" if r.get("calib_seconds") is None else r["calib_seconds"]
+            lines.append(f"| {r['steps']} | {r['method']} | {prec} | {psnr} | {err} | {r['fd']:.2f} | {r['class_accuracy']:.3f} | {calib} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--num", type=int, default=100)
+    p.add_argument("--num", type=int, default=32)
     p.add_argument("--steps", nargs="+", default=["250", "100", "50"])
-    p.add_argument("--skip-stress", action="store_true")
+    p.add_argument("--models", nargs="+", default=["builtin", "stress"], choices=["builtin", "stress"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    p.add_argument("--cache", type=Path, default=Path("runs/quality-cache"))
     p.add_argument("--out", type=Path, default=Path("docs/results"))
+    p.add_argument("--table-only", action="store_true", help="rebuild the table from the cache without measuring")
     args = p.parse_args()
-    results = run(args)
-    command = "python bench/quality_table.py " + " ".join(sys.argv[1:])
+    if not args.table_only:
+        run(args)
+    results = {
+        "num": args.num, "ditrt_version": __version__, "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "fd_floor": metrics.fd_floor(),
+        "rows": _order(Cache(args.cache, args.num).rows()),
+    }  # fmt: skip
+    command = f"python bench/quality_table.py --num {args.num}  # run in parts with --models/--methods/--precisions, then --table-only"
+    text = markdown(results, command)
     atomic_write(args.out / "quality.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2, default=str)))
-    atomic_write(args.out / "quality.md", lambda tmp: tmp.write_text(markdown(results, command)))
-    print(markdown(results, command))
+    atomic_write(args.out / "quality.md", lambda tmp: tmp.write_text(text))
+    print(text)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ Quantizer semantics, shared by the torch simulation and the ONNX Q/DQ export:
 with ``qmin, qmax = -2^(b-1), 2^(b-1) - 1`` (signed; INT8 -128..127, INT4 -8..7), as ONNX
 QuantizeLinear/DequantizeLinear define them. Weight scales of a Linear with weight (out, in):
 ``(out,)`` per output channel, or ``(out, in // block)`` block-wise along the input dimension.
-Input (activation) scales are per tensor: shape ``()``.
+Block sizes may differ per layer (``qdit``): the scale's shape says which (``(out,)`` per channel,
+``(out, in // block)`` block-wise) and :attr:`Recipe.layer_block_sizes` records it.
+Input (activation) scales are per tensor: shape ``()``, or ``(K,)`` with K timestep groups
+(:attr:`Recipe.timestep_group_edges`): one scale per range of timesteps, one exported graph each.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ PRECISIONS = {
     "w4a16": (4, None, "block", True),
     "w4a8": (4, 8, "channel", False),  # the papers' setting: INT4 weights + INT8 activations is no TensorRT format
 }
-METHODS = ("minmax", "smoothquant", "ptq4dit")
+METHODS = ("minmax", "smoothquant", "ptq4dit", "ditas", "qdit")
 
 
 @dataclass(frozen=True)
@@ -62,12 +65,26 @@ class Recipe:
     alpha: float | None = None  # smoothquant migration strength
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     balanced_layers: tuple[str, ...] = ()
+    layer_block_sizes: dict = field(default_factory=dict)  # layer -> INT4 block (0: per channel) where it differs per layer
+    timestep_group_edges: tuple[float, ...] = ()  # K-1 timesteps splitting [0, 1000) into K activation-scale groups
+    dynamic_activations: bool = False  # per-sample scales computed at run time: simulation only
+    reconstructed: bool = False  # weights rounded and activation scales learned by block reconstruction
+    details: dict = field(default_factory=dict)  # method-specific record (alphas, search history, reconstruction errors)
     notes: tuple[str, ...] = ()
     ditrt_version: str = __version__
 
     @property
     def deployable(self) -> bool:
-        return self.symmetric and PRECISIONS[self.precision][3]
+        blocks_ok = all(b in (64, 128) for b in self.layer_block_sizes.values()) if self.weight_bits == 4 else True
+        return self.symmetric and PRECISIONS[self.precision][3] and not self.dynamic_activations and blocks_ok
+
+    @property
+    def timestep_groups(self) -> int:
+        return len(self.timestep_group_edges) + 1
+
+    def group_of(self, t: float) -> int:
+        """The activation-scale group of training timestep ``t``: 0 holds the noisiest steps (sampled first)."""
+        return timestep_group(t, self.timestep_group_edges)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -82,10 +99,15 @@ class Recipe:
             raise ArtifactError("not a ditrt recipe.json (format field missing); create one with `ditrt calibrate`")
         d.pop("deployable", None)
         d["calibration"] = CalibrationSettings(**d.get("calibration", {}))
-        for k in ("layers", "balanced_layers", "notes"):
+        for k in ("layers", "balanced_layers", "notes", "timestep_group_edges"):
             d[k] = tuple(d.get(k, ()))
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+def timestep_group(t: float, edges) -> int:
+    """Group index of ``t`` for descending ``edges``: the number of edges above ``t``."""
+    return sum(float(t) < e for e in edges)
 
 
 def precision_settings(precision: str) -> tuple[int, int | None, str, bool]:

@@ -1,4 +1,5 @@
-"""The post-training quantization procedure: observe -> balance (fold) -> re-observe -> scales.
+"""The post-training quantization procedure: observe -> balance (fold) -> re-observe -> scales
+[-> block reconstruction].
 
 ``calibrate(model, config, batches)`` returns a :class:`ditrt.recipe.Recipe` and its tensors.
 Balancing is folded into the weights offline (PTQ4DiT's re-parameterization), so the recipe's
@@ -7,6 +8,7 @@ float model computes exactly what the original computes and nothing is left for 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -35,7 +37,14 @@ class CalibrateConfig:
     alpha: float = 0.5  # smoothquant migration strength
     scale_search: str | None = None  # None: "minmax" for the minmax method, "mse" otherwise
     symmetric: bool = True  # False: asymmetric, simulation only
-    block_size: int = 64  # INT4 block along the input dimension (w4a16)
+    block_size: int = 64  # INT4 block along the input dimension (w4a16); qdit searches it per layer
+    timestep_groups: int = 1  # K activation-scale groups over the sampling trajectory (one graph each)
+    dynamic_activations: bool = False  # per-sample activation scales at run time (simulation only)
+    reconstruct: bool = False  # BRECQ/AdaRound block reconstruction after the scales
+    reconstruct_iters: int | None = None  # per block; None: ReconstructSettings' default
+    qdit_budget: float | None = None  # qdit: minimum mean INT4 group size (None: no budget)
+    qdit_fitness: str = "fd"  # qdit: "fd" (small sample set, pixel models) or "proxy" (layer output error)
+    qdit_candidates: tuple[int, ...] = (64, 128)  # qdit: INT4 choices (0 = per channel, simulation only)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
 
     def __post_init__(self):
@@ -46,6 +55,10 @@ class CalibrateConfig:
             raise ConfigError(f"INT4 block size must be 64 or 128 (TensorRT's INT4 formats), got {self.block_size}")
         if self.scale_search not in (None, "minmax", "percentile", "mse"):
             raise ConfigError(f"scale search must be minmax, percentile or mse, got {self.scale_search!r}")
+        if self.timestep_groups < 1 or self.timestep_groups > self.calibration.timesteps:
+            raise ConfigError(
+                f"timestep groups must be between 1 and the {self.calibration.timesteps} recorded timesteps, got {self.timestep_groups}"
+            )
 
     @property
     def search(self) -> str:
@@ -88,6 +101,48 @@ def apply_balance(model: nn.Module, factors: dict[str, torch.Tensor]) -> None:
             B.fold_into_adaln(block, BALANCED[layer], d)
 
 
+def group_batches(batches: list[CalibBatch], k: int) -> tuple[list[list[CalibBatch]], tuple[float, ...]]:
+    """Split the recorded steps (noisiest first) into ``k`` contiguous groups of near-equal size, and
+    the ``k - 1`` descending timestep edges between them (midway between neighbouring recorded steps)."""
+    bounds = [round(i * len(batches) / k) for i in range(k + 1)]
+    groups = [batches[a:b] for a, b in itertools.pairwise(bounds)]
+    edges = tuple((float(g[-1][1][0]) + float(h[0][1][0])) / 2 for g, h in itertools.pairwise(groups))
+    return groups, edges
+
+
+def _balance(work: nn.Module, config: CalibrateConfig, targets: list[str], batches, a_bits, w_bits, granularity, device, details) -> bool:
+    """Fold the method's balancing into ``work``; False when the method does not balance here."""
+    if config.method == "ditas":
+        from ditrt.calibrate.ditas import ditas_factors
+
+        factors, alphas = ditas_factors(
+            work, targets, batches, w_bits=w_bits, a_bits=a_bits, granularity=granularity,
+            block_size=config.block_size if granularity == "block" else None, search=config.search, seed=config.calibration.seed, device=device,
+        )  # fmt: skip
+        details["alpha"] = alphas
+    elif config.method in ("ptq4dit", "smoothquant") and a_bits is not None:
+        stats = observe_linear_inputs(work, targets, batches, device=device, seed=config.calibration.seed)
+        factors = balance_factors(work, config.method, stats, alpha=config.alpha)
+    else:
+        return False
+    apply_balance(work, factors)
+    return True
+
+
+def _block_sizes(work, config, layers, batches, w_bits, granularity, device, details) -> dict[str, int]:
+    """qdit: the searched INT4 block per layer; other methods: the configured one everywhere."""
+    if config.method != "qdit" or w_bits != 4:
+        return {n: (config.block_size if granularity == "block" else 0) for n in layers}
+    from ditrt.calibrate.granularity import SearchSettings, search_granularity
+
+    settings = SearchSettings(budget=config.qdit_budget, fitness=config.qdit_fitness, seed=config.calibration.seed)
+    choice, report = search_granularity(
+        work, layers, batches, bits=w_bits, settings=settings, candidates=config.qdit_candidates, scale_search=config.search
+    )
+    details["granularity_search"] = report
+    return choice
+
+
 def calibrate(model: nn.Module, config: CalibrateConfig, batches: list[CalibBatch], *, device: str = "cpu") -> tuple[Recipe, dict]:
     """Quantize ``model`` (left untouched) with ``config`` on recorded calibration ``batches``."""
     import copy
@@ -96,47 +151,86 @@ def calibrate(model: nn.Module, config: CalibrateConfig, batches: list[CalibBatc
     model_hash = state_dict_hash(model)
     work = copy.deepcopy(model).eval()
     layers = quantized_layers(work, config.quantize_all)
-    notes = []
+    notes, details = [], {}
     if config.precision == "w4a8":
         notes.append("w4a8 (INT4 weights, INT8 activations) is a simulation-only setting: TensorRT has no such format")
     if not config.symmetric:
         notes.append("asymmetric quantizers are simulation-only: TensorRT requires zero point 0")
+    if config.dynamic_activations:
+        notes.append("dynamic per-sample activation scales are simulation-only: TensorRT's Q/DQ scales are constants")
+    if a_bits is None and config.method in ("ptq4dit", "smoothquant"):
+        notes.append(f"{config.method}: balancing skipped, activations are not quantized at {config.precision} "
+                     "(moving activation range into INT4 weights can only hurt)")  # fmt: skip
+    if config.method == "qdit" and w_bits == 8:
+        notes.append("qdit: INT8 weights are per channel in TensorRT, so there is no granularity to search at w8a8")
 
-    balanced: list[str] = []
-    if config.method != "minmax":
-        if a_bits is None:
-            notes.append(f"{config.method}: balancing skipped, activations are not quantized at {config.precision} "
-                         "(moving activation range into INT4 weights can only hurt)")  # fmt: skip
-        else:
-            targets = [n for n in layers if n.split(".", 2)[-1] in BALANCED and n.startswith("blocks.")]
-            stats = observe_linear_inputs(work, targets, batches, device=device, seed=config.calibration.seed)
-            apply_balance(work, balance_factors(work, config.method, stats, alpha=config.alpha))
-            balanced = targets
+    targets = [n for n in layers if n.split(".", 2)[-1] in BALANCED and n.startswith("blocks.")]
+    balanced = targets if _balance(work, config, targets, batches, a_bits, w_bits, granularity, device, details) else []
+    blocks = _block_sizes(work, config, layers, batches, w_bits, granularity, device, details)
 
     tensors = {f"model.{k}": v.detach().cpu() for k, v in work.state_dict().items()}
-    if a_bits is not None:  # activation scales are measured on the balanced model
-        stats = observe_linear_inputs(work, layers, batches, device=device, seed=config.calibration.seed)
     for name in layers:
         w = work.get_submodule(name).weight.detach().float().cpu()
+        block = blocks[name]
         scale, zp = weight_scale(
-            w, w_bits, granularity=granularity, block_size=config.block_size if granularity == "block" else None,
-            symmetric=config.symmetric, search=config.search,
-        )  # fmt: skip
+            w, w_bits, granularity="block" if block else "channel", block_size=block or None, symmetric=config.symmetric, search=config.search
+        )
         tensors[f"quant.{name}.weight_scale"] = scale
         if zp is not None:
             tensors[f"quant.{name}.weight_zero_point"] = zp
-        if a_bits is not None:
-            st = stats[name]
-            s, z = activation_scale(st.sample_values(), a_bits, symmetric=config.symmetric, search=config.search, absmax=st.absmax)
-            tensors[f"quant.{name}.input_scale"] = s
-            if z is not None:
-                tensors[f"quant.{name}.input_zero_point"] = z
+    edges: tuple[float, ...] = ()
+    if a_bits is not None:  # activation scales are measured on the balanced model, per timestep group
+        groups, edges = group_batches(batches, config.timestep_groups)
+        per_group = [_activation_scales(work, layers, g, a_bits, config, device) for g in groups]
+        for name in layers:
+            scales = [pg[name] for pg in per_group]
+            for key, i in (("input_scale", 0), ("input_zero_point", 1)):
+                if scales[0][i] is not None:
+                    tensors[f"quant.{name}.{key}"] = scales[0][i] if len(scales) == 1 else torch.stack([s[i] for s in scales])
+    elif config.timestep_groups > 1:
+        notes.append(f"timestep groups ignored: {config.precision} does not quantize activations")
+    layer_blocks = {n: b for n, b in blocks.items() if config.method == "qdit" and w_bits == 4}
     recipe = Recipe(
         method=config.method, precision=config.precision, layers=tuple(layers), model_hash=model_hash,
         model_config=model.config.to_dict(), weight_bits=w_bits, act_bits=a_bits, weight_granularity=granularity,
         block_size=config.block_size if granularity == "block" else None, symmetric=config.symmetric,
         scale_search=config.search, act_scale_search=config.search,
         alpha=config.alpha if config.method == "smoothquant" else None, calibration=config.calibration,
-        balanced_layers=tuple(balanced), notes=tuple(notes),
+        balanced_layers=tuple(balanced), layer_block_sizes=layer_blocks, timestep_group_edges=edges,
+        dynamic_activations=config.dynamic_activations, details=details, notes=tuple(notes),
     )  # fmt: skip
+    if config.reconstruct:
+        recipe, tensors = _reconstruct(model, recipe, tensors, batches, config, device)
     return recipe, tensors
+
+
+def _activation_scales(work, layers, batches, a_bits, config, device) -> dict[str, tuple]:
+    stats = observe_linear_inputs(work, layers, batches, device=device, seed=config.calibration.seed)
+    return {
+        name: activation_scale(stats[name].sample_values(), a_bits, symmetric=config.symmetric, search=config.search, absmax=stats[name].absmax)
+        for name in layers
+    }
+
+
+def _reconstruct(model, recipe: Recipe, tensors: dict, batches, config: CalibrateConfig, device) -> tuple[Recipe, dict]:
+    """Block reconstruction on a single-group view of the recipe; grouped activation scales are kept as
+    calibrated (reconstruction learns one step size per layer, over every timestep)."""
+    import dataclasses
+
+    from ditrt.calibrate.reconstruct import ReconstructSettings, reconstruct
+
+    settings = ReconstructSettings(seed=config.calibration.seed)
+    if config.reconstruct_iters is not None:
+        settings = dataclasses.replace(settings, iters=config.reconstruct_iters)
+    grouped = recipe.timestep_groups > 1
+    single = dataclasses.replace(recipe, timestep_group_edges=(), dynamic_activations=False)
+    view = dict(tensors)
+    if grouped:  # one scale for reconstruction: the widest group's
+        for name in recipe.layers:
+            view[f"quant.{name}.input_scale"] = tensors[f"quant.{name}.input_scale"].amax()
+    new, report = reconstruct(model, single, view, batches, settings, device=device, progress=True)
+    if grouped:
+        for name in recipe.layers:
+            new[f"quant.{name}.input_scale"] = tensors[f"quant.{name}.input_scale"]
+    details = {**recipe.details, "reconstruction": {"settings": dataclasses.asdict(settings), **report}}
+    return dataclasses.replace(recipe, reconstructed=True, details=details), new

@@ -3,6 +3,10 @@
 :class:`QuantLinear` replaces each quantized ``nn.Linear``: it fake-quantizes its input
 (per tensor, when the recipe quantizes activations) and its weight (per output channel or
 block-wise), with exactly the Q/DQ semantics the ONNX export writes.
+
+Two activation options beyond one static scale: K timestep groups (``input_scale`` of shape
+``(K,)``; the model's forward pre-hook picks the group from ``t``, as the runtime picks one graph
+per group), and dynamic per-sample scales (Q-DiT's setting; simulation only, no Q/DQ form).
 """
 
 from __future__ import annotations
@@ -13,16 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditrt.calibrate.quantizers import fake_quant, fake_quant_weight
-from ditrt.errors import ArtifactError
-from ditrt.recipe import Recipe
+from ditrt.calibrate.quantizers import fake_quant, fake_quant_weight, qrange
+from ditrt.errors import ArtifactError, InputError
+from ditrt.recipe import Recipe, timestep_group
 
 
 class QuantLinear(nn.Module):
     """A Linear with fake-quantized input and weight. Scales are buffers (saved with the module)."""
 
-    def __init__(self, linear: nn.Linear, *, weight_bits: int, act_bits: int | None, symmetric: bool = True):
+    def __init__(self, linear: nn.Linear, *, weight_bits: int, act_bits: int | None, symmetric: bool = True, dynamic: bool = False):
         super().__init__()
+        self.dynamic = dynamic
+        self.group = 0  # the timestep group whose input scale applies (set by the model's pre-hook)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -43,13 +49,36 @@ class QuantLinear(nn.Module):
         return fake_quant_weight(self.weight, self.weight_scale, self.weight_zero_point, self.weight_bits, self.symmetric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_bits is not None and self.input_scale is not None:
-            x = fake_quant(x, self.input_scale, self.input_zero_point, self.act_bits, self.symmetric)
+        if self.act_bits is not None and self.dynamic:
+            x = fake_quant(x, dynamic_scale(x, self.act_bits), None, self.act_bits, True)
+        elif self.act_bits is not None and self.input_scale is not None:
+            scale = self.input_scale if self.input_scale.ndim == 0 else self.input_scale[self.group]
+            zp = self.input_zero_point
+            zp = zp if zp is None or zp.ndim == 0 else zp[self.group]
+            x = fake_quant(x, scale, zp, self.act_bits, self.symmetric)
         return F.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         a = f"a{self.act_bits}" if self.act_bits else "a16"
         return f"{self.in_features} -> {self.out_features}, w{self.weight_bits}{a}, {'sym' if self.symmetric else 'asym'}"
+
+
+def dynamic_scale(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-sample scales (shape (N, 1, ..., 1)) from each sample's max |x|, computed every call."""
+    amax = x.detach().abs().reshape(x.shape[0], -1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
+    return (amax / qrange(bits)[1]).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def select_timestep_group(model: nn.Module, args) -> None:
+    """Forward pre-hook of a DiT with grouped activation scales: every QuantLinear uses ``t``'s group."""
+    t = args[1]
+    groups = {timestep_group(v, model.timestep_group_edges) for v in torch.as_tensor(t).reshape(-1).tolist()}
+    if len(groups) != 1:
+        raise InputError("a batch mixes timesteps of different activation-scale groups; call the model one group at a time")
+    g = groups.pop()
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.group = g
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -71,7 +100,8 @@ def quantized_model(model: nn.Module, recipe: Recipe, tensors: dict[str, torch.T
         lin = get_module(q, name)
         if not isinstance(lin, nn.Linear):
             raise ArtifactError(f"recipe layer {name} is not a Linear in this model; re-run `ditrt calibrate` for it")
-        ql = QuantLinear(lin, weight_bits=recipe.weight_bits, act_bits=recipe.act_bits, symmetric=recipe.symmetric)
+        ql = QuantLinear(lin, weight_bits=recipe.weight_bits, act_bits=recipe.act_bits, symmetric=recipe.symmetric,
+                         dynamic=recipe.dynamic_activations)  # fmt: skip
         p = f"quant.{name}."
         if p + "weight_scale" not in tensors:
             raise ArtifactError(f"recipe tensors lack {p}weight_scale; the recipe folder is incomplete, re-run `ditrt calibrate`")
@@ -79,6 +109,9 @@ def quantized_model(model: nn.Module, recipe: Recipe, tensors: dict[str, torch.T
             tensors[p + "weight_scale"], tensors.get(p + "weight_zero_point"), tensors.get(p + "input_scale"), tensors.get(p + "input_zero_point")
         )
         set_module(q, name, ql)
+    if recipe.timestep_group_edges and recipe.act_bits is not None:
+        q.timestep_group_edges = tuple(recipe.timestep_group_edges)
+        q.register_forward_pre_hook(select_timestep_group)
     return q
 
 

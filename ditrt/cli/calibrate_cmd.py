@@ -13,7 +13,8 @@ from ditrt.cli.options import device_option, model_option, resolve_device
 
 @main.command()
 @model_option
-@click.option("--method", type=click.Choice(["minmax", "smoothquant", "ptq4dit"]), default="ptq4dit", show_default=True)
+@click.option("--method", type=click.Choice(["minmax", "smoothquant", "ptq4dit", "ditas", "qdit"]), default="ptq4dit", show_default=True,
+              help="ptq4dit: CSB+SSC balancing; ditas: smoothing with a per-layer alpha search; qdit: per-layer INT4 block search.")  # fmt: skip
 @click.option("--precision", type=click.Choice(["w8a8", "w4a16", "w4a8"]), default="w8a8", show_default=True,
               help="w8a8 and w4a16 deploy to TensorRT; w4a8 (the papers' setting) is simulation only.")  # fmt: skip
 @click.option("--calib-timesteps", default=25, show_default=True, type=int, help="Recorded steps of the sampling run.")
@@ -27,10 +28,21 @@ from ditrt.cli.options import device_option, model_option, resolve_device
               help="Scale search for weights and activations [default: minmax for --method minmax, else mse].")  # fmt: skip
 @click.option("--asymmetric", is_flag=True, help="Asymmetric quantizers (simulation only: TensorRT needs zero point 0).")
 @click.option("--block-size", type=click.Choice(["64", "128"]), default="64", show_default=True, help="INT4 weight block (w4a16).")
+@click.option("--timestep-groups", default=1, show_default=True, type=int,
+              help="K activation-scale groups over the trajectory; exports one graph per group.")  # fmt: skip
+@click.option("--dynamic-activations", is_flag=True, help="Per-sample activation scales at run time (Q-DiT; simulation only).")
+@click.option("--reconstruct", is_flag=True, help="BRECQ/AdaRound block reconstruction after calibration (any method).")
+@click.option("--reconstruct-iters", type=int, default=None, help="Reconstruction iterations per block [default: see docs].")
+@click.option("--qdit-budget", type=float, default=None, help="qdit: minimum mean INT4 group size (weights-weighted).")
+@click.option("--qdit-fitness", type=click.Choice(["fd", "proxy"]), default="fd", show_default=True,
+              help="qdit: FD of a small sample set (pixel models) or the layer-output error (any model).")  # fmt: skip
+@click.option("--qdit-choices", default="64,128", show_default=True,
+              help="qdit: INT4 choices; 'channel' adds per-channel INT4 (not a TensorRT format: simulation only).")  # fmt: skip
 @device_option
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 def calibrate(model_spec, method, precision, calib_timesteps, calib_samples, steps, cfg_scale, seed, quantize_all, alpha,
-              scale_search, asymmetric, block_size, device, out_dir):  # fmt: skip
+              scale_search, asymmetric, block_size, timestep_groups, dynamic_activations, reconstruct, reconstruct_iters,
+              qdit_budget, qdit_fitness, qdit_choices, device, out_dir):  # fmt: skip
     """Calibrate a model: writes OUT/recipe.json and OUT/weights.safetensors."""
     from ditrt.calibrate.observe import record_calibration_inputs
     from ditrt.calibrate.ptq import CalibrateConfig
@@ -42,7 +54,9 @@ def calibrate(model_spec, method, precision, calib_timesteps, calib_samples, ste
     settings = CalibrationSettings(steps=str(steps), timesteps=calib_timesteps, samples=calib_samples, cfg_scale=cfg_scale, seed=seed)
     config = CalibrateConfig(
         method=method, precision=precision, quantize_all=quantize_all, alpha=alpha, scale_search=scale_search,
-        symmetric=not asymmetric, block_size=int(block_size), calibration=settings,
+        symmetric=not asymmetric, block_size=int(block_size), timestep_groups=timestep_groups,
+        dynamic_activations=dynamic_activations, reconstruct=reconstruct, reconstruct_iters=reconstruct_iters,
+        qdit_budget=qdit_budget, qdit_fitness=qdit_fitness, qdit_candidates=_choices(qdit_choices), calibration=settings,
     )  # fmt: skip
     if calib_timesteps <= 0 or calib_samples <= 0:
         from ditrt.errors import ConfigError
@@ -60,3 +74,22 @@ def calibrate(model_spec, method, precision, calib_timesteps, calib_samples, ste
     )
     for note in recipe.notes:
         click.echo(f"note: {note}")
+    if recipe.layer_block_sizes:
+        click.echo("INT4 blocks: " + ", ".join(f"{n} {b or 'channel'}" for n, b in recipe.layer_block_sizes.items()))
+    if recipe.timestep_groups > 1:
+        click.echo(f"timestep groups: {recipe.timestep_groups}, edges {list(recipe.timestep_group_edges)}")
+
+
+def _choices(text: str) -> tuple[int, ...]:
+    from ditrt.errors import ConfigError
+
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "channel":
+            out.append(0)
+        elif part in ("64", "128"):
+            out.append(int(part))
+        else:
+            raise ConfigError(f"--qdit-choices takes 64, 128 and channel (comma-separated), got {part!r}")
+    return tuple(out)

@@ -22,6 +22,7 @@ from ditrt.cli.options import model_option
 def export(model_spec, recipe_dir, dtype, opset, out_path):
     """Export a model (float, or quantized by a recipe) to ONNX with a dynamic batch."""
     from ditrt.export import check_onnx, export_onnx
+    from ditrt.export.onnx_export import export_timestep_groups, group_graph_path
     from ditrt.models.builtin import load_model
     from ditrt.models.checkpoints import state_dict_hash
     from ditrt.recipe import check_recipe_matches, load_recipe
@@ -32,11 +33,18 @@ def export(model_spec, recipe_dir, dtype, opset, out_path):
         recipe, tensors = load_recipe(recipe_dir)
         check_recipe_matches(recipe, state_dict_hash(model), str(model_spec))
     start = time.time()
-    path = export_onnx(model, out_path, dtype=dtype, opset=opset, recipe=recipe, tensors=tensors)
     what = f"{recipe.method} {recipe.precision}" if recipe else "float"
-    violations = check_onnx(path)
-    click.echo(f"wrote {path} ({what}, {dtype}, {path.stat().st_size / 1e6:.2f} MB, {time.time() - start:.1f} s); "
-               f"ditrt check: {'no violations' if not violations else f'{len(violations)} violations (run ditrt check)'}")  # fmt: skip
+    if recipe is not None and recipe.act_bits and recipe.timestep_groups > 1:
+        manifest = export_timestep_groups(model, out_path, recipe=recipe, tensors=tensors, dtype=dtype, opset=opset)
+        paths = [group_graph_path(out_path, g) for g in range(recipe.timestep_groups)]
+        click.echo(f"wrote {manifest} ({recipe.timestep_groups} timestep groups, edges {list(recipe.timestep_group_edges)}): "
+                   "pass it as --onnx to sample with ONNX Runtime")  # fmt: skip
+    else:
+        paths = [export_onnx(model, out_path, dtype=dtype, opset=opset, recipe=recipe, tensors=tensors)]
+    for path in paths:
+        violations = check_onnx(path)
+        click.echo(f"wrote {path} ({what}, {dtype}, {path.stat().st_size / 1e6:.2f} MB, {time.time() - start:.1f} s); "
+                   f"ditrt check: {'no violations' if not violations else f'{len(violations)} violations (run ditrt check)'}")  # fmt: skip
 
 
 @main.command()

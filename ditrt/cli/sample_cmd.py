@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 @click.option("--config", "config_name", default=None, help="Named DiT config, when the checkpoint does not say (e.g. DiT-XL/2).")
 @click.option("--recipe", "recipe_dir", type=click.Path(path_type=Path), default=None,
               help="Recipe folder from `ditrt calibrate`: sample the simulated quantized model.")  # fmt: skip
-@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), default=None, help="Exported graph (ONNX Runtime backend).")
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), default=None, help="Exported graph, or the .groups.json of a timestep-grouped export (ONNX Runtime backend).")
 @click.option("--engine", "engine_path", type=click.Path(path_type=Path), default=None, help="TensorRT engine (TensorRT backend).")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
               help="auto: tensorrt with --engine, onnxruntime with --onnx, else torch.")  # fmt: skip
@@ -87,9 +87,13 @@ def _denoiser(backend: str, model, onnx_path, engine_path, device: str):
     if backend == "onnxruntime":
         if onnx_path is None:
             raise ConfigError("--backend onnxruntime needs --onnx M.onnx (create it with `ditrt export`)")
+        from ditrt.runtime.groups import TimestepGroupDenoiser, is_group_manifest
         from ditrt.runtime.onnxruntime_backend import OnnxRuntimeDenoiser
 
-        return OnnxRuntimeDenoiser(onnx_path, providers=["CUDAExecutionProvider"] if device.startswith("cuda") else None)
+        providers = ["CUDAExecutionProvider"] if device.startswith("cuda") else None
+        if is_group_manifest(onnx_path):  # one graph per timestep group of activation scales
+            return TimestepGroupDenoiser.from_manifest(onnx_path, lambda g: OnnxRuntimeDenoiser(g, providers=providers))
+        return OnnxRuntimeDenoiser(onnx_path, providers=providers)
     if engine_path is None:
         raise ConfigError("--backend tensorrt needs --engine M.plan (create it with `ditrt build`)")
     from ditrt.runtime.tensorrt_backend import TensorRTDenoiser

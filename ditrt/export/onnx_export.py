@@ -63,6 +63,7 @@ def export_onnx(
     tensors: dict[str, torch.Tensor] | None = None,
     batch: int = 2,
     external_data: bool | None = None,
+    timestep_group: int | None = None,
 ) -> Path:
     """Export ``model`` to ``path`` and return it.
 
@@ -71,7 +72,9 @@ def export_onnx(
     export the recipe's folded weights with Q/DQ for its quantized layers (w8a8, w4a16); recipes that
     TensorRT cannot run are refused. ``opset``: None means :data:`DEFAULT_OPSET`. ``batch``: the batch
     the model is traced at (the graph's batch axis stays dynamic). ``external_data``: None writes
-    external data only when the weights exceed :data:`EXTERNAL_DATA_THRESHOLD`.
+    external data only when the weights exceed :data:`EXTERNAL_DATA_THRESHOLD`. ``timestep_group``:
+    for a recipe with K timestep groups of activation scales, which group's graph to write (the
+    weights are the same in all K; :func:`export_timestep_groups` writes them all with a manifest).
     """
     from ditrt.export import qdq
 
@@ -81,7 +84,7 @@ def export_onnx(
         raise ConfigError("pass both recipe and tensors (from ditrt.recipe.load_recipe), or neither")
     model_hash = state_dict_hash(model)
     if recipe is not None:
-        qdq.check_exportable(recipe, tensors, dtype=dtype, opset=opset, model_hash=model_hash)
+        qdq.check_exportable(recipe, tensors, dtype=dtype, opset=opset, model_hash=model_hash, timestep_group=timestep_group)
         weights = qdq.layer_weights(model, recipe, tensors)  # float32 (out, in), folded
     traced = export_copy(model, dtype)
     if recipe is not None:
@@ -90,10 +93,13 @@ def export_onnx(
             traced.load_state_dict(folded)  # cast to the traced copy's dtype
     ir_model = _export_float(traced, opset, batch)
     if recipe is not None:
-        qdq.insert_qdq(ir_model, recipe, weights, tensors, dtype=dtype)
+        qdq.insert_qdq(ir_model, recipe, weights, tensors, dtype=dtype, timestep_group=timestep_group or 0)
     else:
         qdq.name_linear_nodes(ir_model.graph)
     ir_model.metadata_props.update(_metadata(model, dtype, model_hash, recipe, tensors))
+    if recipe is not None and recipe.timestep_groups > 1:
+        ir_model.metadata_props["ditrt.timestep_group"] = str(timestep_group)
+        ir_model.metadata_props["ditrt.timestep_group_edges"] = json.dumps(list(recipe.timestep_group_edges))
     return save_model(ir_model, Path(path), external_data=external_data)
 
 
@@ -263,3 +269,25 @@ def save_model(ir_model, path: Path, *, external_data: bool | None = None) -> Pa
         shutil.rmtree(tmp_dir, ignore_errors=True)
     log.info("wrote %s with external data %s", path, data_name)
     return path
+
+
+# ------------------------------------------------------------------------------- timestep groups
+GROUPS_FORMAT = "ditrt-timestep-groups"
+
+
+def group_graph_path(path: Path, group: int) -> Path:
+    return Path(path).with_name(f"{Path(path).stem}.g{group}.onnx")
+
+
+def export_timestep_groups(model: DiT, path: str | os.PathLike, *, recipe: Recipe, tensors: dict[str, torch.Tensor], **kwargs) -> Path:
+    """Write one graph per activation-scale group of ``recipe`` (``<stem>.g<i>.onnx``; the weights are
+    identical, only the activation scales differ) and the manifest ``<stem>.groups.json`` that the
+    runtime reads to pick a graph by timestep. Returns the manifest's path."""
+    path = Path(path)
+    graphs = []
+    for g in range(recipe.timestep_groups):
+        graphs.append(export_onnx(model, group_graph_path(path, g), recipe=recipe, tensors=tensors, timestep_group=g, **kwargs).name)
+    manifest = {"format": GROUPS_FORMAT, "edges": list(recipe.timestep_group_edges), "graphs": graphs}
+    out = path.with_name(f"{path.stem}.groups.json")
+    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+    return out

@@ -39,7 +39,9 @@ _NP = {"fp32": np.float32, "fp16": np.float16}
 
 
 # ------------------------------------------------------------------------------------- validation
-def check_exportable(recipe: Recipe, tensors: dict, *, dtype: str, opset: int, model_hash: str | None = None) -> None:
+def check_exportable(
+    recipe: Recipe, tensors: dict, *, dtype: str, opset: int, model_hash: str | None = None, timestep_group: int | None = None
+) -> None:
     """Refuse, with one line each, recipes that TensorRT cannot run or this exporter cannot write."""
     if not recipe.symmetric:
         raise ConfigError(
@@ -51,14 +53,27 @@ def check_exportable(recipe: Recipe, tensors: dict, *, dtype: str, opset: int, m
             f"recipe precision {recipe.precision} cannot be exported: TensorRT has no INT4-weight INT8-activation format; "
             "use w8a8 or w4a16 for deployment (w4a8 is for simulation only)"
         )
+    if recipe.dynamic_activations:
+        raise ConfigError(
+            "recipe uses dynamic per-sample activation scales, which have no Q/DQ form (TensorRT's scales are constants); "
+            "re-run `ditrt calibrate` without --dynamic-activations (use --timestep-groups for time-varying scales)"
+        )
     if recipe.precision == "w4a16":
         if opset < 21:
             raise ConfigError(f"w4a16 needs opset 21 (INT4 and block-wise DequantizeLinear), got opset {opset}")
-        if recipe.block_size not in INT4_BLOCK_SIZES:
+        blocks = {recipe.block_size} | set(recipe.layer_block_sizes.values())
+        bad = sorted(b for b in blocks if b not in INT4_BLOCK_SIZES)
+        if bad:
             raise ConfigError(
-                f"INT4 block size {recipe.block_size} is not one TensorRT supports ({' or '.join(map(str, INT4_BLOCK_SIZES))}); "
-                "re-run `ditrt calibrate` with --block-size 64"
+                f"INT4 block size {bad[0] or 'per-channel'} is not one TensorRT supports ({' or '.join(map(str, INT4_BLOCK_SIZES))}); "
+                "re-run `ditrt calibrate` with --block-size 64 (or qdit with the default candidates)"
             )
+    k = recipe.timestep_groups
+    if k > 1 and recipe.act_bits and (timestep_group is None or not 0 <= timestep_group < k):
+        raise ConfigError(
+            f"this recipe has {k} timestep groups of activation scales: export one graph per group "
+            f"(timestep_group 0..{k - 1}; `ditrt export` writes all of them), got {timestep_group}"
+        )
     if dtype == "fp16" and opset < 19:
         raise ConfigError(f"float16 Q/DQ scales need opset 19 or newer, got opset {opset}")
     if model_hash is not None:
@@ -242,7 +257,7 @@ def _matmul_of(graph, node, layer: str):
     return matmul
 
 
-def _insert_layer(graph, node, layer: str, weight: torch.Tensor, recipe: Recipe, tensors: dict, dtype: str) -> None:
+def _insert_layer(graph, node, layer: str, weight: torch.Tensor, recipe: Recipe, tensors: dict, dtype: str, group: int) -> None:
     import onnx_ir as ir
 
     old_weight = node.inputs[1]  # the float weight (or the Transpose of it): dropped below
@@ -251,16 +266,14 @@ def _insert_layer(graph, node, layer: str, weight: torch.Tensor, recipe: Recipe,
     p = f"quant.{layer}."
     wscale, bits = tensors[p + "weight_scale"], recipe.weight_bits
     out_f, in_f = weight.shape
-    if bits == 4 and in_f % recipe.block_size:
-        raise ConfigError(
-            f"{layer} has {in_f} inputs, not a multiple of the INT4 block size {recipe.block_size}; leave it unquantized"
-        )
-    want = (out_f, in_f // recipe.block_size) if bits == 4 else (out_f,)
+    block = recipe.layer_block_sizes.get(layer, recipe.block_size) if bits == 4 else None
+    if bits == 4 and (not block or in_f % block):
+        raise ConfigError(f"{layer} has {in_f} inputs, not a multiple of the INT4 block size {block}; leave it unquantized")
+    want = (out_f, in_f // block) if bits == 4 else (out_f,)
     if tuple(wscale.shape) != want:
         raise ArtifactError(f"{p}weight_scale has shape {tuple(wscale.shape)}, expected {want}; re-run `ditrt calibrate`")
     wq = _const(graph, f"{layer}.weight_quantized", quantized_weight(weight, wscale, bits))
     if bits == 4:
-        block = recipe.block_size
         ws = _const(graph, f"{layer}.weight_scale", _graph_scale(wscale.t().contiguous(), dtype, f"{layer} weight"))
         attrs = {"axis": 0, "block_size": block}
     else:
@@ -270,7 +283,9 @@ def _insert_layer(graph, node, layer: str, weight: torch.Tensor, recipe: Recipe,
     dq_w.outputs[0].name = f"{layer}.weight_dequantized"
     new = [dq_w]
     if recipe.act_bits:
-        s = _const(graph, f"{layer}.input_scale", _graph_scale(tensors[p + "input_scale"].reshape(()), dtype, f"{layer} input"))
+        scale = tensors[p + "input_scale"]
+        scale = scale[group] if scale.ndim == 1 else scale
+        s = _const(graph, f"{layer}.input_scale", _graph_scale(scale.reshape(()), dtype, f"{layer} input"))
         zp = _const(graph, f"{layer}.input_zero_point", np.zeros((), np.int8))
         q = ir.node("QuantizeLinear", [matmul.inputs[0], s, zp], name=f"{layer}/input_quantize")
         q.outputs[0].name = f"{layer}.input_quantized"
@@ -283,15 +298,16 @@ def _insert_layer(graph, node, layer: str, weight: torch.Tensor, recipe: Recipe,
     _drop_if_unused(graph, old_weight)
 
 
-def insert_qdq(ir_model, recipe: Recipe, weights: dict[str, torch.Tensor], tensors: dict, *, dtype: str) -> int:
+def insert_qdq(ir_model, recipe: Recipe, weights: dict[str, torch.Tensor], tensors: dict, *, dtype: str, timestep_group: int = 0) -> int:
     """Quantize every recipe layer of the exported graph in place; returns how many were quantized.
 
+    ``timestep_group``: which of the recipe's activation-scale groups this graph carries.
     ``weights``: layer -> the float32 weight (out, in) the graph was exported with (:func:`layer_weights`).
     """
     graph = ir_model.graph
     name_linear_nodes(graph)
     nodes = find_linears(graph, weights, dtype)
     for name in recipe.layers:
-        _insert_layer(graph, nodes[name], name, weights[name], recipe, tensors, dtype)
+        _insert_layer(graph, nodes[name], name, weights[name], recipe, tensors, dtype, timestep_group)
     log.info("inserted Q/DQ for %d %s layers", len(recipe.layers), recipe.precision)
     return len(recipe.layers)

@@ -1,0 +1,246 @@
+"""DiTAS smoothing: temporal-aggregated SmoothQuant factors with a per-layer alpha search.
+
+Dong et al., "DiTAS: Quantizing Diffusion Transformers via Enhanced Activation Smoothing" (WACV 2025),
+written from the paper, not its code. Per input channel j of a balanced Linear, the activation
+salience ``a_j`` is the largest |x_j| over *all* timesteps, tokens and samples of the calibration run
+(temporal aggregation; PTQ4DiT's SSC weighs timesteps instead), and the divisor is
+``d_j = a_j^alpha / max|W col j|^(1 - alpha)`` with alpha chosen per layer from :data:`ALPHA_GRID` to
+minimise the quantized layer's output error on recorded inputs.
+
+Same convention as :mod:`ditrt.calibrate.balance`: the input is divided by ``d`` and the weight
+columns multiplied by it; ``ptq.apply_balance`` folds ``d`` into adaLN or the V rows. Unlike the
+released code (which quantizes W before smoothing and so leaves the stored weight off the grid),
+the weight is quantized *after* smoothing, as the exported model will be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditrt.calibrate import balance as B
+from ditrt.calibrate.observe import CalibBatch
+from ditrt.calibrate.quantizers import activation_scale, fake_quant, fake_quant_weight, weight_scale
+
+#: The paper's alpha grid {0, 0.05, ..., 1}.
+ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
+
+
+def ditas_factor(act_max: torch.Tensor, w_col_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """DiTAS divisor ``d_j = act_max_j^alpha / w_col_max_j^(1 - alpha)``: (C,), (C,) -> (C,).
+
+    The SmoothQuant form on the temporally aggregated salience. Channels where it is undefined (a zero
+    or non-finite maximum, or an underflow to 0) get 1, so every factor can be folded.
+    """
+    d = B.smoothquant_factors(act_max, w_col_max, alpha=alpha)
+    return torch.where(d > 0, d, torch.ones_like(d))
+
+
+# ----------------------------------------------------------------------------------- capture
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """What one Linear saw: sampled token rows ``rows`` (N, C) and ``channel_max`` (C,), the max |x_j|
+    over every token of every batch (DiTAS' temporal aggregation)."""
+
+    rows: torch.Tensor
+    channel_max: torch.Tensor
+
+
+class _RowBuffer:
+    """Sampled rows and the running channel max of one layer, in buffers allocated once.
+
+    One small tensor kept per call would fragment the heap between the forward pass's temporaries
+    (see ``observe.LayerStats``); rows are copied into a preallocated (capacity, C) buffer instead.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.filled = 0
+        self.rows: torch.Tensor | None = None
+        self.channel_max: torch.Tensor | None = None
+
+    def add(self, flat: torch.Tensor, keep: torch.Tensor) -> None:
+        """One call's input ``flat`` (tokens, C); ``keep``: indices of the token rows to store."""
+        if self.rows is None:
+            self.rows = torch.empty(self.capacity, flat.shape[-1])
+            self.channel_max = torch.zeros(flat.shape[-1])
+        if self.filled + keep.numel() > self.rows.shape[0]:  # more calls than batches (a module called twice): grow
+            self.rows = torch.cat([self.rows, torch.empty_like(self.rows)])
+        self.rows[self.filled : self.filled + keep.numel()] = flat[keep.to(flat.device)].cpu()
+        self.filled += keep.numel()
+        torch.maximum(self.channel_max, flat.abs().amax(dim=0).cpu(), out=self.channel_max)
+
+    def result(self) -> LayerInputs:
+        if self.rows is None:
+            return LayerInputs(torch.zeros(0, 0), torch.zeros(0))
+        return LayerInputs(self.rows[: self.filled], self.channel_max)
+
+
+def capture_layer_inputs(
+    model: nn.Module,
+    layers: list[str],
+    batches: list[CalibBatch],
+    *,
+    tokens_per_batch: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict[str, LayerInputs]:
+    """Run ``batches`` through ``model`` and record, for the input of each named Linear, a random subset
+    of ``tokens_per_batch`` token rows per batch (all of them if fewer; full channel vectors, concatenated
+    over batches, kept on the CPU) and the per-channel max |x| over all tokens of all batches."""
+    buffers = {name: _RowBuffer(max(1, len(batches)) * tokens_per_batch) for name in layers}
+    gen = torch.Generator().manual_seed(seed)
+
+    def hook_for(name: str):
+        def hook(_module, inputs):
+            flat = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])  # (tokens, C)
+            keep = torch.randperm(flat.shape[0], generator=gen)[:tokens_per_batch]
+            buffers[name].add(flat, keep)
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in layers]
+    try:
+        with torch.no_grad():
+            for x, t, y in batches:
+                model(x.to(device), t.to(device), y.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: buf.result() for name, buf in buffers.items()}
+
+
+# ----------------------------------------------------------------------------------- search
+
+
+def _as_float(
+    x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The layer's rows, weight and bias in float32 (the search never runs in half precision)."""
+    return x_rows.float(), weight.float(), None if bias is None else bias.float()
+
+
+def _mse(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).square().mean())
+
+
+@dataclass(frozen=True)
+class _LayerQuant:
+    """How a smoothed layer is quantized: symmetric weights (per output channel or block-wise) and, unless
+    ``a_bits`` is None, a per-tensor symmetric activation quantizer."""
+
+    w_bits: int
+    a_bits: int | None
+    granularity: str
+    block_size: int | None
+    search: str
+
+    def output(
+        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, d: torch.Tensor, act_absmax: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``Q(x / d) Q(W * d)^T + b``: W is quantized after smoothing, as the exported model stores it."""
+        xs, ws = x / d, w * d[None, :]
+        w_scale, _ = weight_scale(ws, self.w_bits, granularity=self.granularity, block_size=self.block_size, search=self.search)
+        wq = fake_quant_weight(ws, w_scale, None, self.w_bits)
+        if self.a_bits is not None:
+            absmax = xs.abs().max() if act_absmax is None else act_absmax
+            a_scale, _ = activation_scale(xs, self.a_bits, search=self.search, absmax=absmax)
+            xs = fake_quant(xs, a_scale, None, self.a_bits)
+        return F.linear(xs, wq, b)
+
+
+def layer_output_error(
+    x_rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    d: torch.Tensor,
+    *,
+    w_bits: int,
+    a_bits: int | None,
+    granularity: str = "channel",
+    block_size: int | None = None,
+    search: str = "minmax",
+    act_absmax: torch.Tensor | None = None,
+) -> float:
+    """Mean squared error of the quantized layer smoothed by ``d`` against the float layer on ``x_rows`` (N, C).
+
+    ``W * d`` is quantized after smoothing (per output channel or block-wise); ``x / d`` per tensor at
+    ``a_bits`` (None: activations stay float). ``act_absmax``: the true max |x / d| over everything the
+    layer saw, the widest activation clip (default: the max over ``x_rows``, which may miss outliers).
+    """
+    x, w, b = _as_float(x_rows, weight, bias)
+    quant = _LayerQuant(w_bits, a_bits, granularity, block_size, search)
+    return _mse(quant.output(x, w, b, d.to(x), act_absmax), F.linear(x, w, b))
+
+
+def search_alpha(
+    x_rows: torch.Tensor,
+    channel_max: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    w_bits: int,
+    a_bits: int | None,
+    granularity: str = "channel",
+    block_size: int | None = None,
+    search: str = "minmax",
+    grid: tuple[float, ...] = ALPHA_GRID,
+    include_identity: bool = True,
+) -> tuple[torch.Tensor, float | None, list[float]]:
+    """DiTAS' per-layer alpha: the divisor with the lowest :func:`layer_output_error` on ``x_rows``.
+
+    Candidates in order: ``d = 1`` (no smoothing, alpha None) when ``include_identity``, then
+    :func:`ditas_factor` of ``channel_max`` and the weight's column maxima for each alpha of ``grid``.
+    The activation clip of each candidate is ``max_j channel_max_j / d_j``, the range the deployed
+    quantizer will be calibrated on. Returns ``(d (C,), alpha or None, errors per candidate)``; ties
+    keep the earlier candidate.
+    """
+    w_col_max = B.weight_salience(weight.float())
+    candidates: list[tuple[float | None, torch.Tensor]] = [(None, torch.ones_like(w_col_max))] if include_identity else []
+    candidates += [(alpha, ditas_factor(channel_max.to(w_col_max), w_col_max, alpha)) for alpha in grid]
+    x, w, b = _as_float(x_rows, weight, bias)
+    ref = F.linear(x, w, b)  # the float output, once for all candidates
+    quant = _LayerQuant(w_bits, a_bits, granularity, block_size, search)
+    errors = [_mse(quant.output(x, w, b, d.to(x), (channel_max.to(d) / d).max()), ref) for _, d in candidates]
+    best = min(range(len(errors)), key=errors.__getitem__)  # first index of the minimum: ties keep the earlier
+    alpha, d = candidates[best]
+    return d, alpha, errors
+
+
+def ditas_factors(
+    model: nn.Module,
+    layers: list[str],
+    batches: list[CalibBatch],
+    *,
+    w_bits: int,
+    a_bits: int | None,
+    granularity: str = "channel",
+    block_size: int | None = None,
+    search: str = "minmax",
+    grid: tuple[float, ...] = ALPHA_GRID,
+    tokens_per_batch: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
+    """DiTAS divisors of the balanced ``layers``: ``({layer: d (C,) on the CPU}, {layer: alpha or None})``.
+
+    Inputs are captured once, on the unmodified model, and every layer is searched independently, so
+    the factors can all be folded together afterwards (``ptq.apply_balance``). The search runs on ``device``.
+    """
+    captured = capture_layer_inputs(model, layers, batches, tokens_per_batch=tokens_per_batch, seed=seed, device=device)
+    factors, alphas = {}, {}
+    for name in layers:
+        linear = model.get_submodule(name)
+        seen = captured[name]
+        bias = None if linear.bias is None else linear.bias.detach()
+        d, alphas[name], _ = search_alpha(
+            seen.rows.to(device), seen.channel_max.to(device), linear.weight.detach(), bias, w_bits=w_bits,
+            a_bits=a_bits, granularity=granularity, block_size=block_size, search=search, grid=grid,
+        )  # fmt: skip
+        factors[name] = d.cpu()
+    return factors, alphas
