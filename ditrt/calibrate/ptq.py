@@ -43,7 +43,7 @@ class CalibrateConfig:
     reconstruct: bool = False  # BRECQ/AdaRound block reconstruction after the scales
     reconstruct_iters: int | None = None  # per block; None: ReconstructSettings' default
     qdit_budget: float | None = None  # qdit: minimum mean INT4 group size (None: no budget)
-    qdit_fitness: str = "fd"  # qdit: "fd" (small sample set, pixel models) or "proxy" (layer output error)
+    qdit_fitness: str = "psnr"  # qdit: "psnr" or "fd" of a small sample set (pixel models), or "proxy" (layer output error)
     qdit_candidates: tuple[int, ...] = (64, 128)  # qdit: INT4 choices (0 = per channel, simulation only)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
 

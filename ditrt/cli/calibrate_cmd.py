@@ -34,8 +34,8 @@ from ditrt.cli.options import device_option, model_option, resolve_device
 @click.option("--reconstruct", is_flag=True, help="BRECQ/AdaRound block reconstruction after calibration (any method).")
 @click.option("--reconstruct-iters", type=int, default=None, help="Reconstruction iterations per block [default: see docs].")
 @click.option("--qdit-budget", type=float, default=None, help="qdit: minimum mean INT4 group size (weights-weighted).")
-@click.option("--qdit-fitness", type=click.Choice(["fd", "proxy"]), default="fd", show_default=True,
-              help="qdit: FD of a small sample set (pixel models) or the layer-output error (any model).")  # fmt: skip
+@click.option("--qdit-fitness", type=click.Choice(["psnr", "fd", "proxy"]), default="psnr", show_default=True,
+              help="qdit: paired PSNR or FD of a small sample set (pixel models), or the layer-output error (any model).")  # fmt: skip
 @click.option("--qdit-choices", default="64,128", show_default=True,
               help="qdit: INT4 choices; 'channel' adds per-channel INT4 (not a TensorRT format: simulation only).")  # fmt: skip
 @device_option
