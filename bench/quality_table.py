@@ -12,7 +12,8 @@ written from every cached row measured with the same ``--num``.
 A method is a spec: a base method (``minmax``, ``smoothquant``, ``ptq4dit``, and whatever else
 ``ditrt calibrate --method`` accepts), optionally followed by ``+option`` suffixes that map to
 :class:`CalibrateConfig` fields, e.g. ``ptq4dit+recon`` (block reconstruction), ``minmax+k4``
-(4 timestep groups of activation scales), ``qdit+dyn`` (dynamic activations, simulation only).
+(4 timestep groups of activation scales), ``qdit+dyn`` (dynamic activations, simulation only),
+``ptq4dit+mm`` (min-max scales instead of the MSE clip search).
 
 Primary columns: paired PSNR of each quantized model's samples against the float model's samples
 made from the same seeds and labels, and the mean per-timestep relative error of the noise
@@ -52,6 +53,7 @@ OPTIONS = {
     "dyn": {"dynamic_activations": True},
     "k2": {"timestep_groups": 2},
     "k4": {"timestep_groups": 4},
+    "mm": {"scale_search": "minmax"},  # min-max scales instead of the MSE clip search (non-minmax methods' default)
 }
 
 
