@@ -121,7 +121,7 @@ class Cache:
         return imgs
 
     def rows(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.root.glob("*.json"))]
+        return [json.loads(p.read_text()) for p in sorted(self.root.glob("*__*.json"))]  # rows only, not stress_variant.json
 
 
 def run(args) -> None:
