@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditrt.calibrate import balance as B
-from ditrt.calibrate.observe import CalibBatch
+from ditrt.calibrate.observe import CalibBatch, run_with_input_hooks
 from ditrt.calibrate.quantizers import activation_scale, fake_quant, fake_quant_weight, weight_scale
 
 #: The paper's alpha grid {0, 0.05, ..., 1}.
@@ -104,14 +104,7 @@ def capture_layer_inputs(
 
         return hook
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in layers]
-    try:
-        with torch.no_grad():
-            for x, t, y in batches:
-                model(x.to(device), t.to(device), y.to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_input_hooks(model, {n: hook_for(n) for n in layers}, batches, device=device)
     return {name: buf.result() for name, buf in buffers.items()}
 
 

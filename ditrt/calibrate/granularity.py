@@ -37,7 +37,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ditrt.calibrate.observe import CalibBatch
+from ditrt.calibrate.observe import CalibBatch, run_with_input_hooks
 from ditrt.calibrate.quantizers import fake_quant_weight, weight_scale
 from ditrt.calibrate.simulate import QuantLinear, set_module
 from ditrt.errors import ConfigError, InputError
@@ -235,15 +235,7 @@ def capture_rows(model: nn.Module, layers: list[str], batches: list[CalibBatch],
 
         return hook
 
-    device = next(model.parameters()).device
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in layers]
-    try:
-        with torch.no_grad():
-            for x, t, y in batches:
-                model(x.to(device), t.to(device), y.to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_input_hooks(model, {n: hook_for(n) for n in layers}, batches, device=next(model.parameters()).device)
     return {n: torch.cat(v) for n, v in captured.items()}
 
 

@@ -113,7 +113,14 @@ def observe_linear_inputs(
 
         return hook
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in layers]
+    run_with_input_hooks(model, {n: hook_for(n) for n in layers}, batches, device=device)
+    return stats
+
+
+def run_with_input_hooks(model: nn.Module, hooks: dict, batches: list[CalibBatch], *, device="cpu") -> None:
+    """Run ``batches`` through ``model`` (no grad) with ``hooks[name]`` as a forward pre-hook of each
+    named submodule; the hooks are removed afterwards, also on error."""
+    handles = [model.get_submodule(n).register_forward_pre_hook(h) for n, h in hooks.items()]
     try:
         with torch.no_grad():
             for x, t, y in batches:
@@ -121,4 +128,3 @@ def observe_linear_inputs(
     finally:
         for h in handles:
             h.remove()
-    return stats

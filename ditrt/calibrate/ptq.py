@@ -189,7 +189,7 @@ def calibrate(model: nn.Module, config: CalibrateConfig, batches: list[CalibBatc
                     tensors[f"quant.{name}.{key}"] = scales[0][i] if len(scales) == 1 else torch.stack([s[i] for s in scales])
     elif config.timestep_groups > 1:
         notes.append(f"timestep groups ignored: {config.precision} does not quantize activations")
-    layer_blocks = {n: b for n, b in blocks.items() if config.method == "qdit" and w_bits == 4}
+    layer_blocks = blocks if config.method == "qdit" and w_bits == 4 else {}
     recipe = Recipe(
         method=config.method, precision=config.precision, layers=tuple(layers), model_hash=model_hash,
         model_config=model.config.to_dict(), weight_bits=w_bits, act_bits=a_bits, weight_granularity=granularity,

@@ -14,25 +14,11 @@ from ditrt.calibrate.ditas import (
     layer_output_error,
     search_alpha,
 )
-from ditrt.calibrate.observe import observe_linear_inputs, record_calibration_inputs
+from ditrt.calibrate.observe import observe_linear_inputs
 from ditrt.calibrate.ptq import apply_balance
 from ditrt.calibrate.quantizers import fake_quant, fake_quant_weight
-from ditrt.models.dit import CONFIGS
-from ditrt.recipe import CalibrationSettings
-from tests.conftest import random_dit
 
-SETTINGS = CalibrationSettings(steps="20", timesteps=5, samples=4)
 TARGETS = [f"blocks.{i}.{n}" for i in range(6) for n in ("attn.qkv", "mlp.fc1", "attn.proj")]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return random_dit(CONFIGS["ditrt-digits"], std=0.03)
-
-
-@pytest.fixture(scope="module")
-def batches(model):
-    return record_calibration_inputs(model, SETTINGS)
 
 
 def _salient_layer(seed=0, n=256, c=64, out=48, salient=(3, 17, 40), factor=50.0):

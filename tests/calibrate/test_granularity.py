@@ -8,26 +8,11 @@ from torch import nn
 
 from ditrt.calibrate import granularity as G
 from ditrt.calibrate.granularity import CHANNEL, SearchSettings, allowed_choices, mean_group_size, scale_count, search_granularity
-from ditrt.calibrate.observe import record_calibration_inputs
 from ditrt.calibrate.ptq import quantized_layers
 from ditrt.calibrate.quantizers import fake_quant_weight, weight_scale
 from ditrt.calibrate.simulate import QuantLinear, set_module
 from ditrt.errors import ConfigError
-from ditrt.models.dit import CONFIGS
-from ditrt.recipe import CalibrationSettings
 from tests.conftest import TINY, random_dit
-
-SETTINGS = CalibrationSettings(steps="20", timesteps=5, samples=4)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return random_dit(CONFIGS["ditrt-digits"], std=0.03)
-
-
-@pytest.fixture(scope="module")
-def batches(model):
-    return record_calibration_inputs(model, SETTINGS)
 
 
 @pytest.fixture(scope="module")

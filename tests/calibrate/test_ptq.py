@@ -4,27 +4,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ditrt.calibrate.observe import observe_linear_inputs, record_calibration_inputs
+from ditrt.calibrate.observe import observe_linear_inputs
 from ditrt.calibrate.ptq import CalibrateConfig, calibrate, quantized_layers
 from ditrt.calibrate.simulate import QuantLinear, load_quantized
 from ditrt.cli import main
 from ditrt.errors import ArtifactError, ConfigError
 from ditrt.models.checkpoints import save_ditrt_checkpoint, state_dict_hash
 from ditrt.models.dit import CONFIGS
-from ditrt.recipe import CalibrationSettings, load_recipe, save_recipe
+from ditrt.recipe import load_recipe, save_recipe
+from tests.calibrate.conftest import SETTINGS
 from tests.conftest import random_dit
-
-SETTINGS = CalibrationSettings(steps="20", timesteps=5, samples=4)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return random_dit(CONFIGS["ditrt-digits"], std=0.03)
-
-
-@pytest.fixture(scope="module")
-def batches(model):
-    return record_calibration_inputs(model, SETTINGS)
 
 
 def _inputs(n=4, seed=0):
@@ -124,5 +113,7 @@ def test_cli_calibrate_then_sample_with_recipe(model, tmp_path):
     assert r.exit_code == 0, r.output
     other = tmp_path / "other.safetensors"
     save_ditrt_checkpoint(random_dit(CONFIGS["ditrt-digits"], seed=3), other)
-    r = CliRunner().invoke(main, ["sample", "--model", str(other), "--recipe", str(tmp_path / "r"), "--out", str(tmp_path / "s2")])
+    r = CliRunner().invoke(
+        main, ["sample", "--model", str(other), "--recipe", str(tmp_path / "r"), "--out", str(tmp_path / "s2")]
+    )
     assert r.exit_code == 2 and "calibrated for model" in r.output and not (tmp_path / "s2").exists()

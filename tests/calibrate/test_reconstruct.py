@@ -9,23 +9,12 @@ from ditrt.calibrate.quantizers import expand_weight_scale, fake_quant_weight
 from ditrt.calibrate.reconstruct import AdaRoundLinear, ReconstructSettings, lsq_fake_quant, reconstruct
 from ditrt.calibrate.simulate import QuantLinear, quantized_model
 from ditrt.errors import ConfigError
-from ditrt.models.dit import CONFIGS
 from ditrt.recipe import CalibrationSettings
+from tests.calibrate.conftest import SETTINGS
 from tests.conftest import TINY, random_dit
 
-SETTINGS = CalibrationSettings(steps="20", timesteps=5, samples=4)
 #: Few iterations on few rows keep the tests fast; a 10x learning rate lets V move far enough in them.
 FAST = ReconstructSettings(iters=50, batch_size=4, lr_weight=1e-2)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return random_dit(CONFIGS["ditrt-digits"], std=0.03)
-
-
-@pytest.fixture(scope="module")
-def batches(model):
-    return record_calibration_inputs(model, SETTINGS)
 
 
 @pytest.fixture(scope="module")

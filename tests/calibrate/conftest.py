@@ -1,0 +1,21 @@
+"""Shared by the calibration tests: a random DiT of the built-in model's shape and its calibration
+inputs from a short float sampling run (each test module gets its own, as before)."""
+
+import pytest
+
+from ditrt.calibrate.observe import record_calibration_inputs
+from ditrt.models.dit import CONFIGS
+from ditrt.recipe import CalibrationSettings
+from tests.conftest import random_dit
+
+SETTINGS = CalibrationSettings(steps="20", timesteps=5, samples=4)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_dit(CONFIGS["ditrt-digits"], std=0.03)
+
+
+@pytest.fixture(scope="module")
+def batches(model):
+    return record_calibration_inputs(model, SETTINGS)
