@@ -22,7 +22,8 @@ from ditrt.cli.options import model_option
 def export(model_spec, recipe_dir, dtype, opset, out_path):
     """Export a model (float, or quantized by a recipe) to ONNX with a dynamic batch."""
     from ditrt.export import check_onnx, export_onnx
-    from ditrt.export.onnx_export import export_timestep_groups, group_graph_path
+    from ditrt.export.groups import group_graph_path
+    from ditrt.export.onnx_export import export_timestep_groups
     from ditrt.models.builtin import load_model
     from ditrt.models.checkpoints import state_dict_hash
     from ditrt.recipe import check_recipe_matches, load_recipe
@@ -38,7 +39,7 @@ def export(model_spec, recipe_dir, dtype, opset, out_path):
         manifest = export_timestep_groups(model, out_path, recipe=recipe, tensors=tensors, dtype=dtype, opset=opset)
         paths = [group_graph_path(out_path, g) for g in range(recipe.timestep_groups)]
         click.echo(f"wrote {manifest} ({recipe.timestep_groups} timestep groups, edges {list(recipe.timestep_group_edges)}): "
-                   "pass it as --onnx to sample with ONNX Runtime")  # fmt: skip
+                   "pass it as --onnx to sample with ONNX Runtime or to `ditrt build`")  # fmt: skip
     else:
         paths = [export_onnx(model, out_path, dtype=dtype, opset=opset, recipe=recipe, tensors=tensors)]
     for path in paths:

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 @click.option("--recipe", "recipe_dir", type=click.Path(path_type=Path), default=None,
               help="Recipe folder from `ditrt calibrate`: sample the simulated quantized model.")  # fmt: skip
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), default=None, help="Exported graph, or the .groups.json of a timestep-grouped export (ONNX Runtime backend).")
-@click.option("--engine", "engine_path", type=click.Path(path_type=Path), default=None, help="TensorRT engine (TensorRT backend).")
+@click.option("--engine", "engine_path", type=click.Path(path_type=Path), default=None, help="TensorRT engine, or the .groups.json of engines built from a timestep-grouped export (TensorRT backend).")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
               help="auto: tensorrt with --engine, onnxruntime with --onnx, else torch.")  # fmt: skip
 @click.option("--steps", default="250", show_default=True, help="Sampling steps: 250, 100, 50 (DDPM) or ddim50 (DDIM).")
@@ -87,7 +87,8 @@ def _denoiser(backend: str, model, onnx_path, engine_path, device: str):
     if backend == "onnxruntime":
         if onnx_path is None:
             raise ConfigError("--backend onnxruntime needs --onnx M.onnx (create it with `ditrt export`)")
-        from ditrt.runtime.groups import TimestepGroupDenoiser, is_group_manifest
+        from ditrt.export.groups import is_group_manifest
+        from ditrt.runtime.groups import TimestepGroupDenoiser
         from ditrt.runtime.onnxruntime_backend import OnnxRuntimeDenoiser
 
         providers = ["CUDAExecutionProvider"] if device.startswith("cuda") else None
@@ -96,9 +97,20 @@ def _denoiser(backend: str, model, onnx_path, engine_path, device: str):
         return OnnxRuntimeDenoiser(onnx_path, providers=providers)
     if engine_path is None:
         raise ConfigError("--backend tensorrt needs --engine M.plan (create it with `ditrt build`)")
+    from ditrt.export.groups import is_group_manifest, read_manifest
     from ditrt.runtime.tensorrt_backend import TensorRTDenoiser
 
-    return TensorRTDenoiser(engine_path, onnx_path=onnx_path)
+    if is_group_manifest(engine_path):  # one engine per timestep group of activation scales
+        from ditrt.runtime.groups import TimestepGroupDenoiser
+
+        _, engines = read_manifest(engine_path, "tensorrt")
+        graphs = dict(zip(engines, read_manifest(onnx_path, "onnx")[1])) if onnx_path else {}  # checked against their graphs
+        if onnx_path and len(graphs) != len(engines):
+            raise ConfigError(f"{onnx_path} and {engine_path} list different numbers of timestep groups; rebuild with `ditrt build`")
+        return TimestepGroupDenoiser.from_manifest(
+            engine_path, lambda e: TensorRTDenoiser(e, device=device, onnx_path=graphs.get(e)), kind="tensorrt"
+        )
+    return TensorRTDenoiser(engine_path, device=device, onnx_path=onnx_path)
 
 
 def _load_with_config(spec, name):

@@ -1,13 +1,14 @@
 """TensorRT engines: the optimization profile, the build, and the sidecar manifest.
 
-Everything here imports without TensorRT; only :func:`engine_from_onnx` needs it (and a GPU).
+Everything here imports without TensorRT; only the builds (:func:`engine_from_onnx`,
+:func:`engines_from_manifest`) need it (and a GPU).
 """
 
-from ditrt.engines.build import engine_from_onnx, import_tensorrt, tensorrt_available
+from ditrt.engines.build import engine_from_onnx, engines_from_manifest, import_tensorrt, tensorrt_available
 from ditrt.engines.profile import BuildConfig, ShapeRange, parse_batch, profile_shapes
 from ditrt.engines.sidecar import EngineSidecar, load_sidecar, save_sidecar, sidecar_path, verify_sidecar
 
 __all__ = [
-    "BuildConfig", "EngineSidecar", "ShapeRange", "engine_from_onnx", "import_tensorrt", "load_sidecar",
+    "BuildConfig", "EngineSidecar", "ShapeRange", "engine_from_onnx", "engines_from_manifest", "import_tensorrt", "load_sidecar",
     "parse_batch", "profile_shapes", "save_sidecar", "sidecar_path", "tensorrt_available", "verify_sidecar",
 ]  # fmt: skip

@@ -17,6 +17,7 @@ from ditrt.engines.onnx_info import onnx_sha256, read_onnx
 from ditrt.engines.profile import BuildConfig, ShapeRange, profile_shapes, profile_to_dict
 from ditrt.engines.sidecar import make_sidecar, save_sidecar, sidecar_path
 from ditrt.errors import ArtifactError, ConfigError, MissingDependencyError
+from ditrt.export.groups import group_file, manifest_path, read_manifest, write_manifest
 from ditrt.models.checkpoints import atomic_write
 
 log = logging.getLogger(__name__)
@@ -167,3 +168,32 @@ def engine_from_onnx(onnx_path: Path, out_path: Path, config: BuildConfig | None
         raise
     log.info("wrote %s (%.1f MB) and %s", out_path, data.nbytes / 1e6, sidecar_path(out_path).name)
     return out_path
+
+
+def engines_from_manifest(manifest: Path, out_path: Path, config: BuildConfig | None = None) -> Path:
+    """One engine per timestep group: ``<out stem>.g<i><out suffix>`` (each with its sidecar) from the
+    graphs of the ONNX manifest ``manifest`` (from ``ditrt export`` of a recipe with timestep groups),
+    and the engine manifest ``<out stem>.groups.json`` that ``ditrt sample --engine`` reads.
+
+    All or nothing: if any build fails, the engines this call wrote are removed and no manifest is
+    written. Same errors as :func:`engine_from_onnx`."""
+    manifest, out_path = Path(manifest), Path(out_path)
+    edges, graphs = read_manifest(manifest, "onnx")
+    suffix = out_path.suffix if out_path.suffix and not str(out_path).endswith(".groups.json") else ".plan"
+    out_manifest = manifest_path(out_path)
+    if out_manifest.resolve() == manifest.resolve():
+        alt = out_path.with_name(f"{out_manifest.name[: -len('.groups.json')]}.trt.plan")
+        raise ConfigError(f"--out {out_path} would overwrite the ONNX manifest {manifest}; name the engines e.g. {alt}")
+    import_tensorrt(builder=True)  # fail before anything is read further or written
+    require_cuda_gpu()
+    engines: list[Path] = []
+    try:
+        for g, graph in enumerate(graphs):
+            log.info("timestep group %d of %d", g + 1, len(graphs))
+            engines.append(engine_from_onnx(graph, group_file(out_path, g, suffix), config))
+        return write_manifest(out_path, edges, engines, "tensorrt")
+    except BaseException:
+        for engine in engines:
+            engine.unlink(missing_ok=True)
+            sidecar_path(engine).unlink(missing_ok=True)
+        raise

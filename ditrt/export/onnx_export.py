@@ -30,6 +30,7 @@ from torch import nn
 
 from ditrt import __version__
 from ditrt.errors import ConfigError
+from ditrt.export.groups import group_graph_path, write_manifest
 from ditrt.export.spec import INPUT_NAMES, OUTPUT_NAMES, DiTSpec
 from ditrt.models.checkpoints import atomic_write, state_dict_hash
 from ditrt.models.dit import DiT, TimestepEmbedder
@@ -272,22 +273,12 @@ def save_model(ir_model, path: Path, *, external_data: bool | None = None) -> Pa
 
 
 # ------------------------------------------------------------------------------- timestep groups
-GROUPS_FORMAT = "ditrt-timestep-groups"
-
-
-def group_graph_path(path: Path, group: int) -> Path:
-    return Path(path).with_name(f"{Path(path).stem}.g{group}.onnx")
-
-
 def export_timestep_groups(model: DiT, path: str | os.PathLike, *, recipe: Recipe, tensors: dict[str, torch.Tensor], **kwargs) -> Path:
     """Write one graph per activation-scale group of ``recipe`` (``<stem>.g<i>.onnx``; the weights are
     identical, only the activation scales differ) and the manifest ``<stem>.groups.json`` that the
     runtime reads to pick a graph by timestep. Returns the manifest's path."""
-    path = Path(path)
-    graphs = []
-    for g in range(recipe.timestep_groups):
-        graphs.append(export_onnx(model, group_graph_path(path, g), recipe=recipe, tensors=tensors, timestep_group=g, **kwargs).name)
-    manifest = {"format": GROUPS_FORMAT, "edges": list(recipe.timestep_group_edges), "graphs": graphs}
-    out = path.with_name(f"{path.stem}.groups.json")
-    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
-    return out
+    graphs = [
+        export_onnx(model, group_graph_path(path, g), recipe=recipe, tensors=tensors, timestep_group=g, **kwargs)
+        for g in range(recipe.timestep_groups)
+    ]
+    return write_manifest(path, recipe.timestep_group_edges, graphs, "onnx")

@@ -8,35 +8,14 @@ to the group of its timestep, so the sampler loop does not know groups exist.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ditrt.errors import ArtifactError, InputError
-from ditrt.export.onnx_export import GROUPS_FORMAT
+from ditrt.export.groups import read_manifest
 from ditrt.recipe import timestep_group
-
-
-def is_group_manifest(path) -> bool:
-    return str(path).endswith(".groups.json")
-
-
-def read_manifest(path) -> tuple[tuple[float, ...], list[Path]]:
-    """The edges and the graph paths (resolved beside the manifest) of a groups manifest."""
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"cannot read timestep-group manifest {path} ({e}); re-run `ditrt export`") from None
-    if d.get("format") != GROUPS_FORMAT or len(d.get("graphs", ())) != len(d.get("edges", ())) + 1:
-        raise ArtifactError(f"{path} is not a ditrt timestep-group manifest; re-run `ditrt export` with the recipe")
-    graphs = [path.parent / g for g in d["graphs"]]
-    missing = [g for g in graphs if not g.exists()]
-    if missing:
-        raise ArtifactError(f"{missing[0]} listed in {path} is missing; re-run `ditrt export` with the recipe")
-    return tuple(float(e) for e in d["edges"]), graphs
 
 
 class TimestepGroupDenoiser:
@@ -48,8 +27,9 @@ class TimestepGroupDenoiser:
         self.denoisers, self.edges = list(denoisers), tuple(edges)
 
     @classmethod
-    def from_manifest(cls, path, make: Callable[[Path], object]) -> TimestepGroupDenoiser:
-        edges, graphs = read_manifest(path)
+    def from_manifest(cls, path, make: Callable[[Path], object], kind: str = "onnx") -> TimestepGroupDenoiser:
+        """One denoiser per file of the manifest, from ``make(file)``; ``kind``: "onnx" or "tensorrt"."""
+        edges, graphs = read_manifest(path, kind)
         return cls([make(g) for g in graphs], edges)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

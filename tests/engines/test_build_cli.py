@@ -78,3 +78,41 @@ def test_build_help_works_anywhere():
     assert result.exit_code == 0
     for option in ("--onnx", "--out", "--batch", "--opt-level", "--timing-cache", "--no-cfg", "--workspace"):
         assert option in result.output
+
+
+@pytest.fixture
+def group_manifest(tmp_path):
+    """A real two-group ONNX manifest (two tiny graphs beside it), as `ditrt export` writes one."""
+    from ditrt.export.groups import write_manifest
+    from tests.engines.conftest import write_tiny_onnx
+
+    graphs = [write_tiny_onnx(tmp_path / f"m.g{g}.onnx") for g in range(2)]
+    return write_manifest(tmp_path / "m.onnx", (500.0,), graphs, "onnx")
+
+
+@needs_no_tensorrt
+def test_building_a_group_manifest_without_tensorrt_writes_nothing(tmp_path, group_manifest):
+    before = _files(tmp_path)
+    out = tmp_path / "engines" / "m.plan"
+    result = CliRunner().invoke(main, ["build", "--onnx", str(group_manifest), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"ditrt: error: {WHY}"
+    assert _files(tmp_path) in (before, sorted([*before, "engines"]))
+    assert not out.parent.exists() or _files(out.parent) == []
+
+
+def test_engines_may_not_overwrite_the_onnx_manifest(tmp_path, group_manifest):
+    before = _files(tmp_path)
+    result = CliRunner().invoke(main, ["build", "--onnx", str(group_manifest), "--out", str(tmp_path / "m.plan")])
+    assert result.exit_code == 2
+    assert "would overwrite the ONNX manifest" in result.output and "m.trt.plan" in result.output
+    assert _files(tmp_path) == before
+
+
+def test_sampling_with_a_graph_manifest_as_engine_says_what_to_build(tmp_path, group_manifest):
+    import ditrt.cli.sample_cmd  # noqa: F401
+
+    result = CliRunner().invoke(main, ["sample", "--engine", str(group_manifest), "--num", "2", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2, result.output
+    assert "lists ONNX graphs, not TensorRT engines" in result.output and "ditrt build --onnx M.groups.json" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
