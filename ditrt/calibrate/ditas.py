@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditrt.calibrate import balance as B
-from ditrt.calibrate.observe import CalibBatch, run_with_input_hooks
+from ditrt.calibrate.observe import CalibBatch, capture_layer_inputs
 from ditrt.calibrate.quantizers import activation_scale, fake_quant, fake_quant_weight, weight_scale
 
 #: The paper's alpha grid {0, 0.05, ..., 1}.
@@ -37,75 +37,6 @@ def ditas_factor(act_max: torch.Tensor, w_col_max: torch.Tensor, alpha: float) -
     """
     d = B.smoothquant_factors(act_max, w_col_max, alpha=alpha)
     return torch.where(d > 0, d, torch.ones_like(d))
-
-
-# ----------------------------------------------------------------------------------- capture
-
-
-@dataclass(frozen=True)
-class LayerInputs:
-    """What one Linear saw: sampled token rows ``rows`` (N, C) and ``channel_max`` (C,), the max |x_j|
-    over every token of every batch (DiTAS' temporal aggregation)."""
-
-    rows: torch.Tensor
-    channel_max: torch.Tensor
-
-
-class _RowBuffer:
-    """Sampled rows and the running channel max of one layer, in buffers allocated once.
-
-    One small tensor kept per call would fragment the heap between the forward pass's temporaries
-    (see ``observe.LayerStats``); rows are copied into a preallocated (capacity, C) buffer instead.
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.filled = 0
-        self.rows: torch.Tensor | None = None
-        self.channel_max: torch.Tensor | None = None
-
-    def add(self, flat: torch.Tensor, keep: torch.Tensor) -> None:
-        """One call's input ``flat`` (tokens, C); ``keep``: indices of the token rows to store."""
-        if self.rows is None:
-            self.rows = torch.empty(self.capacity, flat.shape[-1])
-            self.channel_max = torch.zeros(flat.shape[-1])
-        if self.filled + keep.numel() > self.rows.shape[0]:  # more calls than batches (a module called twice): grow
-            self.rows = torch.cat([self.rows, torch.empty_like(self.rows)])
-        self.rows[self.filled : self.filled + keep.numel()] = flat[keep.to(flat.device)].cpu()
-        self.filled += keep.numel()
-        torch.maximum(self.channel_max, flat.abs().amax(dim=0).cpu(), out=self.channel_max)
-
-    def result(self) -> LayerInputs:
-        if self.rows is None:
-            return LayerInputs(torch.zeros(0, 0), torch.zeros(0))
-        return LayerInputs(self.rows[: self.filled], self.channel_max)
-
-
-def capture_layer_inputs(
-    model: nn.Module,
-    layers: list[str],
-    batches: list[CalibBatch],
-    *,
-    tokens_per_batch: int = 64,
-    seed: int = 0,
-    device: str = "cpu",
-) -> dict[str, LayerInputs]:
-    """Run ``batches`` through ``model`` and record, for the input of each named Linear, a random subset
-    of ``tokens_per_batch`` token rows per batch (all of them if fewer; full channel vectors, concatenated
-    over batches, kept on the CPU) and the per-channel max |x| over all tokens of all batches."""
-    buffers = {name: _RowBuffer(max(1, len(batches)) * tokens_per_batch) for name in layers}
-    gen = torch.Generator().manual_seed(seed)
-
-    def hook_for(name: str):
-        def hook(_module, inputs):
-            flat = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])  # (tokens, C)
-            keep = torch.randperm(flat.shape[0], generator=gen)[:tokens_per_batch]
-            buffers[name].add(flat, keep)
-
-        return hook
-
-    run_with_input_hooks(model, {n: hook_for(n) for n in layers}, batches, device=device)
-    return {name: buf.result() for name, buf in buffers.items()}
 
 
 # ----------------------------------------------------------------------------------- search

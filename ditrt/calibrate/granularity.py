@@ -37,7 +37,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ditrt.calibrate.observe import CalibBatch, run_with_input_hooks
+from ditrt.calibrate.observe import CalibBatch, capture_layer_inputs
 from ditrt.calibrate.quantizers import fake_quant_weight, weight_scale
 from ditrt.calibrate.simulate import QuantLinear, set_module
 from ditrt.errors import ConfigError, InputError
@@ -224,19 +224,9 @@ def capture_rows(model: nn.Module, layers: list[str], batches: list[CalibBatch],
     if not batches:
         raise InputError("no calibration batches to capture layer inputs from; record them with record_calibration_inputs")
     per_batch = max(1, math.ceil(rows / len(batches)))
-    gen = torch.Generator().manual_seed(seed)
-    captured: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-
-    def hook_for(name):
-        def hook(_module, inputs):
-            flat = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
-            keep = torch.randperm(flat.shape[0], generator=gen)[:per_batch]
-            captured[name].append(flat[keep.to(flat.device)].float().cpu())
-
-        return hook
-
-    run_with_input_hooks(model, {n: hook_for(n) for n in layers}, batches, device=next(model.parameters()).device)
-    return {n: torch.cat(v) for n, v in captured.items()}
+    device = next(model.parameters()).device
+    captured = capture_layer_inputs(model, layers, batches, tokens_per_batch=per_batch, seed=seed, device=device)
+    return {n: c.rows for n, c in captured.items()}
 
 
 def _proxy_fitness(model, layers, batches, scales: _WeightScales) -> Callable[[Genome], float]:

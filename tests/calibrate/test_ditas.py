@@ -8,13 +8,12 @@ import torch
 from ditrt.calibrate.balance import weight_salience
 from ditrt.calibrate.ditas import (
     ALPHA_GRID,
-    capture_layer_inputs,
     ditas_factor,
     ditas_factors,
     layer_output_error,
     search_alpha,
 )
-from ditrt.calibrate.observe import observe_linear_inputs
+from ditrt.calibrate.observe import capture_layer_inputs, observe_linear_inputs
 from ditrt.calibrate.ptq import apply_balance
 from ditrt.calibrate.quantizers import fake_quant, fake_quant_weight
 
