@@ -112,7 +112,9 @@ def _sync(device: str) -> None:
 
 
 def time_calls(denoiser, inputs, calls: int, device: str) -> float:
-    """Mean ms per call over ``calls`` back-to-back calls."""
+    """Mean ms per call over ``calls`` back-to-back calls (0.0 for none: a warm-up of 0 calls)."""
+    if calls == 0:
+        return 0.0
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(calls):

@@ -46,6 +46,9 @@ def export(model_spec, recipe_dir, dtype, opset, out_path):
         violations = check_onnx(path)
         click.echo(f"wrote {path} ({what}, {dtype}, {path.stat().st_size / 1e6:.2f} MB, {time.time() - start:.1f} s); "
                    f"ditrt check: {'no violations' if not violations else f'{len(violations)} violations (run ditrt check)'}")  # fmt: skip
+    if recipe is not None and recipe.precision == "w4a16" and dtype == "fp32":
+        click.echo("note: a float32 w4a16 graph runs in ONNX Runtime; TensorRT runs INT4 weight-only GEMMs on float16 "
+                   "activations only, so export with --dtype fp16 to build an engine")  # fmt: skip
 
 
 @main.command()

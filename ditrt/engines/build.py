@@ -89,6 +89,19 @@ def tensorrt_available(*, builder: bool = True) -> tuple[bool, str]:
     return True, f"TensorRT {trt.__version__} on {name} (sm_{capability[0]}{capability[1]})"
 
 
+def check_buildable(onnx_path, precision: str | None, metadata: dict) -> None:
+    """Refuse, before TensorRT is touched, a graph whose precision TensorRT has no kernels for."""
+    if precision == "w4a8":
+        raise ConfigError(
+            f"{onnx_path} is w4a8 (INT4 weights, INT8 activations), which is no TensorRT format: export w8a8 or w4a16 to build an engine"
+        )
+    if precision == "w4a16" and metadata.get("ditrt.dtype") == "fp32":
+        raise ConfigError(
+            f"{onnx_path} is w4a16 with float32 activations, but TensorRT runs INT4 weight-only GEMMs on float16/bfloat16 "
+            "activations only: re-export with `ditrt export --dtype fp16`"
+        )
+
+
 def polygraphy_profile(shapes: dict[str, ShapeRange]):
     """Our profile as a ``polygraphy.backend.trt.Profile``."""
     from polygraphy.backend.trt import Profile
@@ -140,13 +153,10 @@ def engine_from_onnx(onnx_path: Path, out_path: Path, config: BuildConfig | None
     config = config if config is not None else BuildConfig()
     if onnx_path.resolve() in (out_path.resolve(), sidecar_path(out_path).resolve()):
         raise ConfigError(f"--out {out_path} would overwrite the ONNX; name the engine e.g. {onnx_path.with_suffix('.plan')}")
+    summary = read_onnx(onnx_path)
+    check_buildable(onnx_path, summary.precision, summary.metadata)
     trt = import_tensorrt(builder=True)
     device = require_cuda_gpu()
-    summary = read_onnx(onnx_path)
-    if summary.precision == "w4a8":
-        raise ConfigError(
-            f"{onnx_path} is w4a8 (INT4 weights, INT8 activations), which is no TensorRT format: export w8a8 or w4a16 to build an engine"
-        )
     shapes = profile_shapes(summary.inputs, config)
     onnx_hash = onnx_sha256(onnx_path, summary.external_data)
     gpu_name, capability = gpu_identity(device)

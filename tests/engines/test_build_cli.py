@@ -116,3 +116,19 @@ def test_sampling_with_a_graph_manifest_as_engine_says_what_to_build(tmp_path, g
     assert result.exit_code == 2, result.output
     assert "lists ONNX graphs, not TensorRT engines" in result.output and "ditrt build --onnx M.groups.json" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ({"ditrt.precision": "w4a8", "ditrt.dtype": "fp32"}, "no TensorRT format"),
+        ({"ditrt.precision": "w4a16", "ditrt.dtype": "fp32"}, "--dtype fp16"),
+    ],
+)
+def test_graphs_tensorrt_cannot_run_are_refused_before_tensorrt_is_needed(tmp_path, metadata, message):
+    from tests.engines.conftest import write_tiny_onnx
+
+    graph = write_tiny_onnx(tmp_path / "q.onnx", metadata=metadata, weight_dtype="int4")
+    result = CliRunner().invoke(main, ["build", "--onnx", str(graph), "--out", str(tmp_path / "q.plan")])
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
+    assert _files(tmp_path) == ["q.onnx"]
