@@ -157,6 +157,13 @@ def run(args) -> None:
                     "fp32",
                     steps,
                 )
+            if args.fd_noise and cache.row(vname, "float-reseed", "fp32", steps) is None:
+                # the float model again with the next N seeds: how far FD moves by sampling noise alone
+                c0 = time.time()
+                other = sample_images(model, steps, labels, [s + args.num for s in seeds])
+                row = _row(vname, "float-reseed", "fp32", steps, ref, other, labels, None, (0.0, 0.0), time.time() - c0)
+                cache.put_row(row, vname, "float-reseed", "fp32", steps)
+                log(f"{vname} {steps} float-reseed: FD {row['fd']:.2f} (same seeds: {cache.row(vname, 'float', 'fp32', steps)['fd']:.2f})")
         for spec in args.methods:
             for precision in args.precisions:
                 todo = [s for s in args.steps if cache.row(vname, spec, precision, s) is None]
@@ -193,7 +200,7 @@ def log(msg: str) -> None:
 def _order(rows: list[dict]) -> list[dict]:
     steps = {"250": 0, "100": 1, "50": 2}
     prec = {"fp32": 0, **{p: i + 1 for i, p in enumerate(PRECISIONS)}}
-    methods = list(dict.fromkeys(["float", *METHODS, *sorted(r["method"] for r in rows)]))
+    methods = list(dict.fromkeys(["float", "float-reseed", *METHODS, *sorted(r["method"] for r in rows)]))
     return sorted(
         rows,
         key=lambda r: (
@@ -222,7 +229,9 @@ def markdown(results: dict, command: str) -> str:
             f"(primary). FD floor (two halves of the real digits, ~900 each): {results['fd_floor']:.2f}; FD of "
             f"{results['num']} samples carries a small-sample bias, so compare FDs within this table only. "
             "calib s: calibration time on the recorded inputs (the shared 250-step recording run excluded). "
-            "Rows marked (sim) are simulation only (no TensorRT format): w4a8, asymmetric or dynamic activations."
+            "Rows marked (sim) are simulation only (no TensorRT format): w4a8, asymmetric or dynamic activations. "
+            "float-reseed: the float model with the next N seeds, so its FD against the float row is the spread that "
+            "sampling noise alone gives FD at this N."
         ),
         "",
     ]
@@ -235,7 +244,7 @@ def markdown(results: dict, command: str) -> str:
         for r in results["rows"]:
             if r["model"] != variant:
                 continue
-            is_float = r["method"] == "float"
+            is_float = r["method"].startswith("float")
             psnr = "ref" if is_float else f"{r['psnr_db']:.2f}"
             err = "-" if is_float else f"{r['noise_rel_error_mean']:.4f} ({r['noise_rel_error_max']:.4f})"
             prec = r["precision"] + ("" if is_float or r.get("deployable", True) else " (sim)")
@@ -257,6 +266,7 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path("runs/quality-cache"))
     p.add_argument("--out", type=Path, default=Path("docs/results"))
     p.add_argument("--table-only", action="store_true", help="rebuild the table from the cache without measuring")
+    p.add_argument("--fd-noise", action="store_true", help="also sample the float model with seeds N..2N-1 (FD spread)")
     args = p.parse_args()
     if not args.table_only:
         run(args)
@@ -266,7 +276,7 @@ def main() -> None:
         "rows": _order(Cache(args.cache, args.num).rows()),
     }  # fmt: skip
     command = (
-        f"python bench/quality_table.py --num {args.num}  # run in parts with --models/--methods/--precisions, then --table-only"
+        f"python bench/quality_table.py --num {args.num}{' --fd-noise' if args.fd_noise else ''}  # run in parts with --models/--methods/--precisions, then --table-only"
     )
     text = markdown(results, command)
     atomic_write(args.out / "quality.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2, default=str)))
