@@ -48,6 +48,7 @@ from ditrt.recipe import CalibrationSettings
 
 METHODS = ("minmax", "smoothquant", "ptq4dit")
 PRECISIONS = ("w8a8", "w4a16", "w4a8")
+REL_FD_MIN_NUM = 256  #: tables of at least this many samples per row show FD relative to float
 #: method-spec suffix -> CalibrateConfig fields
 OPTIONS = {
     "recon": {"reconstruct": True},
@@ -237,20 +238,24 @@ def markdown(results: dict, command: str) -> str:
     ]
     for variant in dict.fromkeys(r["model"] for r in results["rows"]):
         lines += [f"## {variant}", ""]
+        rel = results["num"] >= REL_FD_MIN_NUM  # below it the small-sample bias swamps FD differences
         lines += [
-            "| steps | method | precision | PSNR dB | noise err mean (max) | FD | class acc | calib s |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
+            "| steps | method | precision | PSNR dB | noise err mean (max) | FD |" + (" FD vs float |" if rel else "")
+            + " class acc | calib s |",
+            "|---|---|---|---|---|---|---|---|" + ("---|" if rel else ""),
+        ]  # fmt: skip
+        float_fd = {r["steps"]: r["fd"] for r in results["rows"] if r["model"] == variant and r["method"] == "float"}
         for r in results["rows"]:
             if r["model"] != variant:
                 continue
             is_float = r["method"].startswith("float")
-            psnr = "ref" if is_float else f"{r['psnr_db']:.2f}"
+            psnr = "ref" if r["method"] == "float" else "-" if is_float else f"{r['psnr_db']:.2f}"
+            fd_rel = f" {100 * (r['fd'] / float_fd[r['steps']] - 1):+.1f}% |" if rel and r["steps"] in float_fd else " - |" if rel else ""
             err = "-" if is_float else f"{r['noise_rel_error_mean']:.4f} ({r['noise_rel_error_max']:.4f})"
             prec = r["precision"] + ("" if is_float or r.get("deployable", True) else " (sim)")
             calib = "-" if r.get("calib_seconds") is None else r["calib_seconds"]
             lines.append(
-                f"| {r['steps']} | {r['method']} | {prec} | {psnr} | {err} | {r['fd']:.2f} | {r['class_accuracy']:.3f} | {calib} |"
+                f"| {r['steps']} | {r['method']} | {prec} | {psnr} | {err} | {r['fd']:.2f} |{fd_rel} {r['class_accuracy']:.3f} | {calib} |"
             )
         lines.append("")
     return "\n".join(lines)
