@@ -37,6 +37,8 @@ PRECISIONS = {
     "w4a8": (4, 8, "channel", False),  # the papers' setting: INT4 weights + INT8 activations is no TensorRT format
 }
 METHODS = ("minmax", "smoothquant", "ptq4dit", "ditas", "qdit")
+#: INT4 block sizes TensorRT's block-wise DequantizeLinear accepts (along the input dimension).
+INT4_BLOCK_SIZES = (64, 128)
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class Recipe:
 
     @property
     def deployable(self) -> bool:
-        blocks_ok = all(b in (64, 128) for b in self.layer_block_sizes.values()) if self.weight_bits == 4 else True
+        blocks_ok = all(b in INT4_BLOCK_SIZES for b in self.layer_block_sizes.values()) if self.weight_bits == 4 else True
         return self.symmetric and PRECISIONS[self.precision][3] and not self.dynamic_activations and blocks_ok
 
     @property

@@ -41,11 +41,12 @@ from ditrt.calibrate.observe import CalibBatch, capture_layer_inputs
 from ditrt.calibrate.quantizers import fake_quant_weight, weight_scale
 from ditrt.calibrate.simulate import QuantLinear, set_module
 from ditrt.errors import ConfigError, InputError
+from ditrt.recipe import INT4_BLOCK_SIZES
 
 #: The per-channel choice (a scale per output channel); every other choice is an INT4 block size along the input dim.
 CHANNEL = 0
 #: TensorRT's INT4 block sizes: pass these as ``candidates`` for a deployable recipe.
-DEPLOYABLE_INT4 = (64, 128)
+DEPLOYABLE_INT4 = INT4_BLOCK_SIZES
 #: Token rows captured per layer for the "proxy" fitness (spread evenly over the calibration batches).
 PROXY_ROWS = 1024
 #: Attempts at drawing a genome not evaluated yet before accepting a repeat (small spaces run out).

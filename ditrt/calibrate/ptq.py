@@ -20,7 +20,7 @@ from ditrt.calibrate.observe import CalibBatch, LayerStats, observe_linear_input
 from ditrt.calibrate.quantizers import activation_scale, weight_scale
 from ditrt.errors import ConfigError
 from ditrt.models.checkpoints import state_dict_hash
-from ditrt.recipe import METHODS, CalibrationSettings, Recipe, precision_settings
+from ditrt.recipe import INT4_BLOCK_SIZES, METHODS, CalibrationSettings, Recipe, precision_settings
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,14 @@ class CalibrateConfig:
     reconstruct_iters: int | None = None  # per block; None: ReconstructSettings' default
     qdit_budget: float | None = None  # qdit: minimum mean INT4 group size (None: no budget)
     qdit_fitness: str = "psnr"  # qdit: "psnr" or "fd" of a small sample set (pixel models), or "proxy" (layer output error)
-    qdit_candidates: tuple[int, ...] = (64, 128)  # qdit: INT4 choices (0 = per channel, simulation only)
+    qdit_candidates: tuple[int, ...] = INT4_BLOCK_SIZES  # qdit: INT4 choices (0 = per channel, simulation only)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         precision_settings(self.precision)
-        if self.block_size not in (64, 128):
+        if self.block_size not in INT4_BLOCK_SIZES:
             raise ConfigError(f"INT4 block size must be 64 or 128 (TensorRT's INT4 formats), got {self.block_size}")
         if self.scale_search not in (None, "minmax", "percentile", "mse"):
             raise ConfigError(f"scale search must be minmax, percentile or mse, got {self.scale_search!r}")

@@ -82,13 +82,14 @@ def calibrate(model_spec, method, precision, calib_timesteps, calib_samples, ste
 
 def _choices(text: str) -> tuple[int, ...]:
     from ditrt.errors import ConfigError
+    from ditrt.recipe import INT4_BLOCK_SIZES
 
     out = []
     for part in text.split(","):
         part = part.strip()
         if part == "channel":
             out.append(0)
-        elif part in ("64", "128"):
+        elif part in {str(b) for b in INT4_BLOCK_SIZES}:
             out.append(int(part))
         else:
             raise ConfigError(f"--qdit-choices takes 64, 128 and channel (comma-separated), got {part!r}")

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ditrt.errors import ArtifactError
+from ditrt.recipe import INT4_BLOCK_SIZES
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,6 @@ class Violation:
         return f"{self.node or '<model>'}: [{self.rule}] {self.message}"
 
 
-INT4_BLOCK_SIZES = (64, 128)
 WEIGHTED_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
 NONLINEAR_OPS = {
     "LayerNormalization", "SkipLayerNormalization", "GroupNormalization", "InstanceNormalization", "RMSNormalization",

@@ -29,12 +29,10 @@ from torch import nn
 
 from ditrt.calibrate.quantizers import expand_weight_scale, quantize
 from ditrt.errors import ArtifactError, ConfigError
-from ditrt.recipe import Recipe, check_recipe_matches
+from ditrt.recipe import INT4_BLOCK_SIZES, Recipe, check_recipe_matches
 
 log = logging.getLogger(__name__)
 
-#: INT4 block sizes TensorRT's block-wise DequantizeLinear accepts.
-INT4_BLOCK_SIZES = (64, 128)
 _NP = {"fp32": np.float32, "fp16": np.float16}
 
 
