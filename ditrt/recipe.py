@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ditrt import __version__
-from ditrt.errors import ArtifactError, ConfigError
+from ditrt.errors import ArtifactError, ConfigError, InputError
 
 RECIPE_FORMAT = "ditrt-recipe"
 #: precision -> (weight bits, activation bits or None, weight granularity, deployable on TensorRT)
@@ -110,6 +110,15 @@ class Recipe:
 def timestep_group(t: float, edges) -> int:
     """Group index of ``t`` for descending ``edges``: the number of edges above ``t``."""
     return sum(float(t) < e for e in edges)
+
+
+def batch_timestep_group(t, edges) -> int:
+    """The one group of every timestep in the batch ``t`` (a tensor or sequence); :class:`InputError` if they differ."""
+    values = t.reshape(-1).tolist() if hasattr(t, "reshape") else list(t)
+    groups = {timestep_group(v, edges) for v in values}
+    if len(groups) != 1:
+        raise InputError("a batch mixes timesteps of different activation-scale groups; call one group at a time")
+    return groups.pop()
 
 
 def precision_settings(precision: str) -> tuple[int, int | None, str, bool]:

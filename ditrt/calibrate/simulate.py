@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditrt.calibrate.quantizers import fake_quant, fake_quant_weight, qrange
-from ditrt.errors import ArtifactError, InputError
-from ditrt.recipe import Recipe, timestep_group
+from ditrt.errors import ArtifactError
+from ditrt.recipe import Recipe, batch_timestep_group
 
 
 class QuantLinear(nn.Module):
@@ -71,11 +71,7 @@ def dynamic_scale(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def select_timestep_group(model: nn.Module, args) -> None:
     """Forward pre-hook of a DiT with grouped activation scales: every QuantLinear uses ``t``'s group."""
-    t = args[1]
-    groups = {timestep_group(v, model.timestep_group_edges) for v in torch.as_tensor(t).reshape(-1).tolist()}
-    if len(groups) != 1:
-        raise InputError("a batch mixes timesteps of different activation-scale groups; call the model one group at a time")
-    g = groups.pop()
+    g = batch_timestep_group(args[1], model.timestep_group_edges)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.group = g

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ditrt.errors import ArtifactError, InputError
+from ditrt.errors import ArtifactError
 from ditrt.export.groups import read_manifest
-from ditrt.recipe import timestep_group
+from ditrt.recipe import batch_timestep_group
 
 
 class TimestepGroupDenoiser:
@@ -33,7 +33,4 @@ class TimestepGroupDenoiser:
         return cls([make(g) for g in graphs], edges)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        groups = {timestep_group(v, self.edges) for v in t.reshape(-1).tolist()}
-        if len(groups) != 1:
-            raise InputError("a batch mixes timesteps of different activation-scale groups; call one group at a time")
-        return self.denoisers[groups.pop()](x, t, y)
+        return self.denoisers[batch_timestep_group(t, self.edges)](x, t, y)
