@@ -54,15 +54,16 @@ def _mse(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @dataclass(frozen=True)
-class _LayerQuant:
-    """How a smoothed layer is quantized: symmetric weights (per output channel or block-wise) and, unless
-    ``a_bits`` is None, a per-tensor symmetric activation quantizer."""
+class LayerQuant:
+    """How a smoothed layer is quantized: symmetric ``w_bits`` weights (per output channel, or block-wise
+    with ``block_size``) and, unless ``a_bits`` is None, a per-tensor symmetric activation quantizer;
+    scales found with ``search``."""
 
     w_bits: int
     a_bits: int | None
-    granularity: str
-    block_size: int | None
-    search: str
+    granularity: str = "channel"
+    block_size: int | None = None
+    search: str = "minmax"
 
     def output(
         self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, d: torch.Tensor, act_absmax: torch.Tensor | None
@@ -83,22 +84,17 @@ def layer_output_error(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     d: torch.Tensor,
+    quant: LayerQuant,
     *,
-    w_bits: int,
-    a_bits: int | None,
-    granularity: str = "channel",
-    block_size: int | None = None,
-    search: str = "minmax",
     act_absmax: torch.Tensor | None = None,
 ) -> float:
     """Mean squared error of the quantized layer smoothed by ``d`` against the float layer on ``x_rows`` (N, C).
 
     ``W * d`` is quantized after smoothing (per output channel or block-wise); ``x / d`` per tensor at
-    ``a_bits`` (None: activations stay float). ``act_absmax``: the true max |x / d| over everything the
+    ``quant.a_bits`` (None: activations stay float). ``act_absmax``: the true max |x / d| over everything the
     layer saw, the widest activation clip (default: the max over ``x_rows``, which may miss outliers).
     """
     x, w, b = _as_float(x_rows, weight, bias)
-    quant = _LayerQuant(w_bits, a_bits, granularity, block_size, search)
     return _mse(quant.output(x, w, b, d.to(x), act_absmax), F.linear(x, w, b))
 
 
@@ -107,12 +103,8 @@ def search_alpha(
     channel_max: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    quant: LayerQuant,
     *,
-    w_bits: int,
-    a_bits: int | None,
-    granularity: str = "channel",
-    block_size: int | None = None,
-    search: str = "minmax",
     grid: tuple[float, ...] = ALPHA_GRID,
     include_identity: bool = True,
 ) -> tuple[torch.Tensor, float | None, list[float]]:
@@ -129,7 +121,6 @@ def search_alpha(
     candidates += [(alpha, ditas_factor(channel_max.to(w_col_max), w_col_max, alpha)) for alpha in grid]
     x, w, b = _as_float(x_rows, weight, bias)
     ref = F.linear(x, w, b)  # the float output, once for all candidates
-    quant = _LayerQuant(w_bits, a_bits, granularity, block_size, search)
     errors = [_mse(quant.output(x, w, b, d.to(x), (channel_max.to(d) / d).max()), ref) for _, d in candidates]
     best = min(range(len(errors)), key=errors.__getitem__)  # first index of the minimum: ties keep the earlier
     alpha, d = candidates[best]
@@ -140,12 +131,8 @@ def ditas_factors(
     model: nn.Module,
     layers: list[str],
     batches: list[CalibBatch],
+    quant: LayerQuant,
     *,
-    w_bits: int,
-    a_bits: int | None,
-    granularity: str = "channel",
-    block_size: int | None = None,
-    search: str = "minmax",
     grid: tuple[float, ...] = ALPHA_GRID,
     tokens_per_batch: int = 64,
     seed: int = 0,
@@ -163,8 +150,7 @@ def ditas_factors(
         seen = captured[name]
         bias = None if linear.bias is None else linear.bias.detach()
         d, alphas[name], _ = search_alpha(
-            seen.rows.to(device), seen.channel_max.to(device), linear.weight.detach(), bias, w_bits=w_bits,
-            a_bits=a_bits, granularity=granularity, block_size=block_size, search=search, grid=grid,
-        )  # fmt: skip
+            seen.rows.to(device), seen.channel_max.to(device), linear.weight.detach(), bias, quant, grid=grid
+        )
         factors[name] = d.cpu()
     return factors, alphas

@@ -113,12 +113,11 @@ def group_batches(batches: list[CalibBatch], k: int) -> tuple[list[list[CalibBat
 def _balance(work: nn.Module, config: CalibrateConfig, targets: list[str], batches, a_bits, w_bits, granularity, device, details) -> bool:
     """Fold the method's balancing into ``work``; False when the method does not balance here."""
     if config.method == "ditas":
-        from ditrt.calibrate.ditas import ditas_factors
+        from ditrt.calibrate.ditas import LayerQuant, ditas_factors
 
-        factors, alphas = ditas_factors(
-            work, targets, batches, w_bits=w_bits, a_bits=a_bits, granularity=granularity,
-            block_size=config.block_size if granularity == "block" else None, search=config.search, seed=config.calibration.seed, device=device,
-        )  # fmt: skip
+        block = config.block_size if granularity == "block" else None
+        quant = LayerQuant(w_bits, a_bits, granularity, block, config.search)
+        factors, alphas = ditas_factors(work, targets, batches, quant, seed=config.calibration.seed, device=device)
         details["alpha"] = alphas
     elif config.method in ("ptq4dit", "smoothquant") and a_bits is not None:
         stats = observe_linear_inputs(work, targets, batches, device=device, seed=config.calibration.seed)

@@ -8,6 +8,7 @@ import torch
 from ditrt.calibrate.balance import weight_salience
 from ditrt.calibrate.ditas import (
     ALPHA_GRID,
+    LayerQuant,
     ditas_factor,
     ditas_factors,
     layer_output_error,
@@ -44,18 +45,18 @@ def test_layer_output_error_by_hand():
     wq = fake_quant_weight(ws, ws.abs().amax(dim=1) / 127, None, 8)
     xq = fake_quant(xs, xs.abs().max() / 127, None, 8)
     expected = ((xq @ wq.T + b) - (x @ w.T + b)).square().mean()
-    assert layer_output_error(x, w, b, d, w_bits=8, a_bits=8) == pytest.approx(float(expected), rel=1e-5)
+    assert layer_output_error(x, w, b, d, LayerQuant(8, 8)) == pytest.approx(float(expected), rel=1e-5)
     w_only = ((xs @ wq.T) - (x @ w.T)).square().mean()  # a_bits None: activations stay float
-    assert layer_output_error(x, w, None, d, w_bits=8, a_bits=None) == pytest.approx(float(w_only), rel=1e-5)
+    assert layer_output_error(x, w, None, d, LayerQuant(8, None)) == pytest.approx(float(w_only), rel=1e-5)
 
 
 def test_search_returns_the_argmin_and_smoothing_helps_salient_channels():
     x, w, b = _salient_layer()
     cmax = x.abs().amax(dim=0)
     w_col_max = weight_salience(w)
-    d, alpha, errors = search_alpha(x, cmax, w, b, w_bits=8, a_bits=8)
-    identity = layer_output_error(x, w, b, torch.ones(64), w_bits=8, a_bits=8)
-    by_hand = [layer_output_error(x, w, b, ditas_factor(cmax, w_col_max, a), w_bits=8, a_bits=8) for a in ALPHA_GRID]
+    d, alpha, errors = search_alpha(x, cmax, w, b, LayerQuant(8, 8))
+    identity = layer_output_error(x, w, b, torch.ones(64), LayerQuant(8, 8))
+    by_hand = [layer_output_error(x, w, b, ditas_factor(cmax, w_col_max, a), LayerQuant(8, 8)) for a in ALPHA_GRID]
     assert errors == [identity] + by_hand
     best = min(range(len(by_hand)), key=by_hand.__getitem__)
     assert alpha == ALPHA_GRID[best] and torch.equal(d, ditas_factor(cmax, w_col_max, alpha))
@@ -67,12 +68,12 @@ def test_search_without_activation_quantization_never_loses_to_identity():
     g = torch.Generator().manual_seed(2)
     x = torch.rand(256, 64, generator=g) * 2 - 1  # uniform activations, kept in float (a_bits None)
     w = torch.randn(48, 64, generator=g) * 0.1
-    d, alpha, errors = search_alpha(x, x.abs().amax(dim=0), w, None, w_bits=8, a_bits=None)
-    identity = layer_output_error(x, w, None, torch.ones(64), w_bits=8, a_bits=None)
+    d, alpha, errors = search_alpha(x, x.abs().amax(dim=0), w, None, LayerQuant(8, None))
+    identity = layer_output_error(x, w, None, torch.ones(64), LayerQuant(8, None))
     assert len(errors) == 1 + len(ALPHA_GRID) and errors[0] == identity
-    assert min(errors) <= identity and layer_output_error(x, w, None, d, w_bits=8, a_bits=None) == min(errors)
+    assert min(errors) <= identity and layer_output_error(x, w, None, d, LayerQuant(8, None)) == min(errors)
     assert alpha is not None or torch.equal(d, torch.ones(64))
-    _, _, grid_only = search_alpha(x, x.abs().amax(dim=0), w, None, w_bits=8, a_bits=None, include_identity=False)
+    _, _, grid_only = search_alpha(x, x.abs().amax(dim=0), w, None, LayerQuant(8, None), include_identity=False)
     assert grid_only == errors[1:]
 
 
@@ -86,7 +87,7 @@ def test_capture_keeps_sampled_rows_and_the_max_over_all_tokens(model, batches):
 
 
 def test_ditas_factors_fold_into_the_float_model_exactly(model, batches):
-    factors, alphas = ditas_factors(model, TARGETS, batches, w_bits=8, a_bits=8, tokens_per_batch=32)
+    factors, alphas = ditas_factors(model, TARGETS, batches, LayerQuant(8, 8), tokens_per_batch=32)
     assert set(factors) == set(alphas) == set(TARGETS)
     for d in factors.values():
         assert d.shape == (192,) and torch.isfinite(d).all() and (d > 0).all()
