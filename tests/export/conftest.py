@@ -6,12 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ditrt.calibrate.observe import record_calibration_inputs
 from ditrt.export import export_onnx
+from ditrt.models.builtin import load_model
 from ditrt.models.dit import CONFIGS
+from ditrt.recipe import CalibrationSettings
 from tests.conftest import TINY, random_dit
 from tests.export.recipes import absmax_recipe
 
 CONFIG = {"tiny": TINY, "digits": CONFIGS["ditrt-digits"]}
+#: Calibration of the trained built-in model in the parity and method-export tests.
+BUILTIN_SETTINGS = CalibrationSettings(steps="50", timesteps=8, samples=8)
 
 
 @pytest.fixture(autouse=True)
@@ -52,3 +57,16 @@ def exported(models, recipes, tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def builtin():
+    """The trained built-in model (calibration copies it; nothing here changes it)."""
+    return load_model("builtin")
+
+
+@pytest.fixture(scope="session")
+def batches(builtin):
+    """Its calibration inputs under :data:`BUILTIN_SETTINGS`, recorded once per session."""
+    torch.set_num_threads(1)
+    return record_calibration_inputs(builtin, BUILTIN_SETTINGS, pixel_space=True)

@@ -5,28 +5,14 @@ over a whole 50-step sampling run (paired PSNR >= 40 dB, same seeds)."""
 import pytest
 import torch
 
-from ditrt.calibrate.observe import record_calibration_inputs
 from ditrt.calibrate.ptq import CalibrateConfig, calibrate
 from ditrt.calibrate.simulate import quantized_model
 from ditrt.diffusion.sample_set import generate
 from ditrt.diffusion.sampler import SamplerConfig
 from ditrt.export import check_onnx, export_onnx
-from ditrt.models.builtin import load_model
 from ditrt.quality.metrics import paired_psnr, relative_error
-from ditrt.recipe import CalibrationSettings
 from ditrt.runtime.onnxruntime_backend import OnnxRuntimeDenoiser
-
-SETTINGS = CalibrationSettings(steps="50", timesteps=8, samples=8)
-
-
-@pytest.fixture(scope="module")
-def builtin():
-    return load_model("builtin")
-
-
-@pytest.fixture(scope="module")
-def batches(builtin):
-    return record_calibration_inputs(builtin, SETTINGS, pixel_space=True)
+from tests.export.conftest import BUILTIN_SETTINGS as SETTINGS
 
 
 @pytest.mark.parametrize("precision", [None, "w8a8", "w4a16"])

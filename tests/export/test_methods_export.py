@@ -6,30 +6,17 @@ activations, whose rounding flips cascade)."""
 import pytest
 import torch
 
-from ditrt.calibrate.observe import record_calibration_inputs
 from ditrt.calibrate.ptq import CalibrateConfig, calibrate, group_batches
 from ditrt.calibrate.simulate import quantized_model
 from ditrt.errors import ConfigError, InputError
 from ditrt.export import check_onnx, export_onnx
 from ditrt.export.onnx_export import export_timestep_groups
-from ditrt.models.builtin import load_model
 from ditrt.quality.metrics import relative_error
-from ditrt.recipe import CalibrationSettings
 from ditrt.runtime.groups import TimestepGroupDenoiser
 from ditrt.runtime.onnxruntime_backend import OnnxRuntimeDenoiser
+from tests.export.conftest import BUILTIN_SETTINGS as SETTINGS
 
-SETTINGS = CalibrationSettings(steps="50", timesteps=8, samples=8)
 BOUND = {"w8a8": 2e-2, "w4a16": 1e-3}
-
-
-@pytest.fixture(scope="module")
-def builtin():
-    return load_model("builtin")
-
-
-@pytest.fixture(scope="module")
-def batches(builtin):
-    return record_calibration_inputs(builtin, SETTINGS, pixel_space=True)
 
 
 CASES = {
