@@ -47,6 +47,12 @@ CASES = {
 BATCH = BuildConfig(batch_min=1, batch_opt=4, batch_max=8)  # engine rows 1..16
 
 
+def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR of two sample sets in [-1, 1] (peak-to-peak 2)."""
+    mse = float(((a - b).double() ** 2).mean())
+    return 10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-20))).item()
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).norm() / b.norm())
@@ -193,8 +199,7 @@ def test_sampling_loop_on_the_engine_matches_onnxruntime(engines, onnx_files, mo
     labels, seeds = [0, 1, 2, 3, 4, 5, 6, 7], list(range(8))
     a = sample(TensorRTDenoiser(engines["w8a8"], use_cuda_graph=True), config, labels, seeds, **kw)
     b = sample(ort_on_cuda, config, labels, seeds, **kw)
-    mse = float(((a - b).double() ** 2).mean())
-    psnr = 10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-20))).item()  # data range [-1, 1]: peak-to-peak 2
+    psnr = psnr_db(a, b)
     assert psnr >= 40.0, f"paired PSNR {psnr:.1f} dB"
 
 
@@ -278,6 +283,5 @@ def test_timestep_group_engines_sample_like_onnxruntime(model, batches, settings
     labels, seeds = [0, 1, 2, 3], list(range(4))
     a = sample(trt, sampler, labels, seeds, **kw)
     b = sample(ort_on_cuda, sampler, labels, seeds, **kw)
-    mse = float(((a - b).double() ** 2).mean())
-    psnr = 10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-20))).item()
+    psnr = psnr_db(a, b)
     assert psnr >= 40.0, f"paired PSNR {psnr:.1f} dB"
