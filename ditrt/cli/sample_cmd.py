@@ -103,13 +103,11 @@ def _denoiser(backend: str, model, onnx_path, engine_path, device: str):
     if is_group_manifest(engine_path):  # one engine per timestep group of activation scales
         from ditrt.runtime.groups import TimestepGroupDenoiser
 
-        _, engines = read_manifest(engine_path, "tensorrt")
-        graphs = dict(zip(engines, read_manifest(onnx_path, "onnx")[1])) if onnx_path else {}  # checked against their graphs
-        if onnx_path and len(graphs) != len(engines):
+        edges, engines = read_manifest(engine_path, "tensorrt")
+        graphs = read_manifest(onnx_path, "onnx")[1] if onnx_path else [None] * len(engines)  # checked against their graphs
+        if len(graphs) != len(engines):
             raise ConfigError(f"{onnx_path} and {engine_path} list different numbers of timestep groups; rebuild with `ditrt build`")
-        return TimestepGroupDenoiser.from_manifest(
-            engine_path, lambda e: TensorRTDenoiser(e, device=device, onnx_path=graphs.get(e)), kind="tensorrt"
-        )
+        return TimestepGroupDenoiser([TensorRTDenoiser(e, device=device, onnx_path=g) for e, g in zip(engines, graphs)], edges)
     return TensorRTDenoiser(engine_path, device=device, onnx_path=onnx_path)
 
 
