@@ -143,9 +143,9 @@ def prepare(args, model, work: Path, trt_ok: bool) -> tuple[list[Row], dict]:
     """Recipes, exports (+ check_onnx) and engines; the rows to measure and what it took."""
     from ditrt.calibrate.observe import record_calibration_inputs
     from ditrt.calibrate.ptq import CalibrateConfig, calibrate
+    from ditrt.contracts.recipe import CalibrationSettings
     from ditrt.export import check_onnx, export_onnx
     from ditrt.models.builtin import is_pixel_model
-    from ditrt.recipe import CalibrationSettings
 
     info = {"check_onnx": {}, "prepare_s": {}}
     t0 = time.perf_counter()
@@ -217,8 +217,8 @@ def memory_child(args) -> dict:
 
     import ditrt.runtime.onnxruntime_backend
     import ditrt.runtime.torch_backend
+    from ditrt.contracts.model_config import DiTConfig
     from ditrt.models.checkpoints import load_dit  # noqa: F401
-    from ditrt.models.dit import DiTConfig
 
     row = Row(**json.loads(args.row))
     config = DiTConfig.from_dict(json.loads(args.model_config))

@@ -70,7 +70,7 @@ def input_absmax(model, layers: list[str], batch: int, seed: int) -> dict[str, f
     """max |input| of each named Linear over one forward pass of ``batch`` random valid inputs."""
     import torch
 
-    from ditrt.export.spec import DiTSpec
+    from ditrt.contracts.spec import DiTSpec
 
     seen = {name: 0.0 for name in layers}
 
@@ -95,11 +95,13 @@ def simple_recipe(model, precision: str, *, block_size: int, act_batch: int, see
     import torch
 
     from ditrt.calibrate.ptq import quantized_layers
-    from ditrt.calibrate.quantizers import activation_scale, weight_scale
-    from ditrt.models.checkpoints import state_dict_hash
-    from ditrt.recipe import CalibrationSettings, Recipe, precision_settings
+    from ditrt.calibrate.scale_search import activation_scale, weight_scale
+    from ditrt.contracts.files import state_dict_hash
+    from ditrt.contracts.precisions import get_precision
+    from ditrt.contracts.recipe import CalibrationSettings, Recipe
 
-    w_bits, a_bits, granularity, _ = precision_settings(precision)
+    p = get_precision(precision)
+    w_bits, a_bits, granularity = p.weight_bits, p.act_bits, p.weight_granularity
     layers = quantized_layers(model)
     block = block_size if granularity == "block" else None
     tensors = {}
@@ -312,7 +314,7 @@ def main(argv=None) -> int:
     import torch
 
     from ditrt import __version__
-    from ditrt.models.dit import CONFIGS
+    from ditrt.contracts.model_config import CONFIGS
 
     if args.config not in CONFIGS:
         sys.exit(f"unknown --config {args.config!r}; choose one of: {', '.join(CONFIGS)}")

@@ -37,14 +37,14 @@ import torch
 from ditrt import __version__
 from ditrt.calibrate.observe import observe_linear_inputs, record_calibration_inputs
 from ditrt.calibrate.ptq import CalibrateConfig, calibrate
-from ditrt.calibrate.simulate import quantized_model
 from ditrt.calibrate.stress import inject_salient_channels
+from ditrt.contracts.files import atomic_write
+from ditrt.contracts.recipe import CalibrationSettings
 from ditrt.diffusion.sample_set import generate
 from ditrt.diffusion.sampler import SamplerConfig
 from ditrt.models.builtin import load_model
-from ditrt.models.checkpoints import atomic_write
+from ditrt.models.quantized import quantized_model
 from ditrt.quality import metrics
-from ditrt.recipe import CalibrationSettings
 
 METHODS = ("minmax", "smoothquant", "ptq4dit")
 PRECISIONS = ("w8a8", "w4a16", "w4a8")

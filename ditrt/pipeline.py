@@ -10,16 +10,16 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from ditrt import __version__
-from ditrt.recipe import CalibrationSettings
+from ditrt.contracts.recipe import CalibrationSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,10 @@ def run_pipeline(model_spec: str, config: PipelineConfig, out_dir: Path, *, echo
     """Run every stage; returns the report dict (also written as OUT/report.json and report.md)."""
     from ditrt.calibrate.observe import record_calibration_inputs
     from ditrt.calibrate.ptq import CalibrateConfig, calibrate
-    from ditrt.calibrate.simulate import quantized_model
+    from ditrt.contracts.recipe import save_recipe
     from ditrt.diffusion.sample_set import SampleSet, default_labels
     from ditrt.models.builtin import is_pixel_model, load_model
-    from ditrt.recipe import save_recipe
+    from ditrt.models.quantized import quantized_model
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def run_pipeline(model_spec: str, config: PipelineConfig, out_dir: Path, *, echo
     report["recipe"] = {"method": recipe.method, "precision": recipe.precision, "layers": len(recipe.layers),
                         "balanced_layers": len(recipe.balanced_layers), "notes": list(recipe.notes), "deployable": recipe.deployable}  # fmt: skip
     if not recipe.deployable:
-        from ditrt.errors import ConfigError
+        from ditrt.contracts.errors import ConfigError
 
         raise ConfigError(f"{config.precision} is a simulation-only precision and cannot be exported; use w8a8 or w4a16 for the pipeline")
 
@@ -153,8 +153,8 @@ def _quantized_backend(model, recipe, tensors, onnx_path: Path, out_dir: Path, c
 
     ok, reason = tensorrt_available()
     if config.backend in ("auto", "tensorrt") and ok:
+        from ditrt.contracts.profile import BuildConfig
         from ditrt.engines.build import engine_from_onnx
-        from ditrt.engines.profile import BuildConfig
         from ditrt.export import export_onnx
         from ditrt.runtime.tensorrt_backend import TensorRTDenoiser
 
@@ -165,7 +165,7 @@ def _quantized_backend(model, recipe, tensors, onnx_path: Path, out_dir: Path, c
         report["sizes_bytes"]["engine"] = plan.stat().st_size
         return TensorRTDenoiser(plan), "tensorrt"
     if config.backend == "tensorrt":
-        from ditrt.errors import MissingDependencyError
+        from ditrt.contracts.errors import MissingDependencyError
 
         raise MissingDependencyError(f"--backend tensorrt needs TensorRT and a GPU: {reason}")
     from ditrt.runtime.onnxruntime_backend import OnnxRuntimeDenoiser
@@ -235,7 +235,7 @@ def _compare(model, simulated, simulated_precision: str, denoiser, backend, pixe
 
 
 def _write_report(report: dict, out_dir: Path) -> None:
-    from ditrt.models.checkpoints import atomic_write
+    from ditrt.contracts.files import atomic_write
 
     atomic_write(out_dir / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
     atomic_write(out_dir / "report.md", lambda tmp: tmp.write_text(report_markdown(report)))

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
+from ditrt.contracts.model_config import CONFIGS
 from ditrt.data.digits import load_digits_tensors
 from ditrt.diffusion.losses import hybrid_loss
 from ditrt.diffusion.schedule import make_schedule
 from ditrt.models.checkpoints import save_ditrt_checkpoint
-from ditrt.models.dit import CONFIGS, DiT
+from ditrt.models.dit import DiT
 
 log = logging.getLogger(__name__)
 

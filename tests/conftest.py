@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ditrt.models.dit import DiT, DiTConfig
+from ditrt.contracts.model_config import DiTConfig
+from ditrt.models.dit import DiT
 
 
 @pytest.fixture(autouse=True)

@@ -1,44 +1,123 @@
-"""The stages flow one way: foundations <- calibrate <- export <- engines <- runtime <- compare/cli."""
+"""The layers, bottom up: contracts < foundations < calibrate < export < engines < runtime < compare/cli.
+
+A module may import its own layer or a lower one. Imports are read from the source (every
+``import``/``from ... import`` anywhere in a module, relative ones resolved, ``from ditrt import x``
+taken as ``ditrt.x``, and ``importlib.import_module("ditrt....")`` with a literal name), so a lazy
+import inside a function counts as much as one at the top.
+"""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import ditrt
 
 ROOT = Path(ditrt.__file__).parent
-FOUNDATION = {"errors", "models", "diffusion", "data", "recipe", "quality", "training", "__init__"}
-ORDER = ["foundation", "calibrate", "export", "engines", "runtime", "compare", "pipeline", "cli"]
+#: top-level package or module -> its layer
+LAYER_OF = {
+    "contracts": "contracts", "__init__": "contracts",
+    "models": "foundation", "diffusion": "foundation", "data": "foundation", "quality": "foundation", "training": "foundation",
+    "calibrate": "calibrate", "export": "export", "engines": "engines", "runtime": "runtime",
+    "compare": "compare", "pipeline": "compare", "cli": "cli", "__main__": "cli",
+}  # fmt: skip
+ORDER = ["contracts", "foundation", "calibrate", "export", "engines", "runtime", "compare", "cli"]
 
 
 def layer_of(module: str) -> str:
-    top = module.split(".")[1] if module.count(".") else "__init__"
-    if top == "__main__":
-        return "cli"
-    return "foundation" if top in FOUNDATION else top
+    parts = module.split(".")
+    return LAYER_OF[parts[1] if len(parts) > 1 else "__init__"]
 
 
-def imports(path: Path):
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(("ditrt", *parts))
+
+
+def imports(path: Path, root: Path = ROOT):
+    """Every ditrt module ``path`` imports, as absolute dotted names."""
+    me = module_name(path, root)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             yield from (a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            yield node.module
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod == "ditrt":  # from ditrt import x: x is a module (or the version, which lives in ditrt/__init__)
+                yield from (f"ditrt.{a.name}" if a.name != "__version__" else "ditrt" for a in node.names)
+            else:
+                yield mod
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in ("import_module", "__import__"):
+            if node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                yield node.args[0].value
 
 
-def test_no_module_imports_a_later_stage():
+def violations(root: Path = ROOT) -> list[str]:
     bad = []
-    for path in ROOT.rglob("*.py"):
-        mod = "ditrt." + ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    for path in sorted(root.rglob("*.py")):
+        mod = module_name(path, root)
         mine = layer_of(mod)
-        for imp in imports(path):
-            if imp.startswith("ditrt.") and ORDER.index(layer_of(imp)) > ORDER.index(mine):
+        for imp in imports(path, root):
+            if imp == "ditrt" or not imp.startswith("ditrt."):
+                continue
+            if ORDER.index(layer_of(imp)) > ORDER.index(mine):
                 bad.append(f"{mod} ({mine}) imports {imp} ({layer_of(imp)})")
+    return bad
+
+
+def test_no_module_imports_a_later_layer():
+    bad = violations()
     assert not bad, "\n".join(bad)
 
 
-def test_every_layer_is_known():
+def test_every_package_and_module_has_a_layer():
     for path in ROOT.iterdir():
         if path.is_dir() and (path / "__init__.py").exists():
-            assert layer_of("ditrt." + path.name) in ORDER, path.name
+            assert path.name in LAYER_OF, path.name
         elif path.suffix == ".py":
-            assert layer_of("ditrt." + path.stem) in ORDER, path.name
+            assert path.stem in LAYER_OF, path.name
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from ditrt import export\n",
+        "from ..export import qdq\n",
+        "import importlib\nimportlib.import_module('ditrt.export.qdq')\n",
+        "def f():\n    from ditrt.runtime import groups\n",
+    ],
+)
+def test_the_import_reader_sees_every_form(tmp_path, source):
+    """A contracts module importing a stage is caught whatever the import's spelling."""
+    fake = tmp_path / "ditrt"
+    (fake / "contracts").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "contracts" / "__init__.py").write_text("")
+    (fake / "contracts" / "bad.py").write_text(source)
+    found = [v for v in violations(fake) if "contracts.bad" in v]
+    assert found, source
+
+
+DEPLOYMENT = ["ditrt.runtime.onnxruntime_backend", "ditrt.runtime.tensorrt_backend", "ditrt.runtime.groups", "ditrt.runtime.open"]
+AUTHORING = ("ditrt.calibrate", "ditrt.export", "ditrt.training", "ditrt.models", "ditrt.compare", "ditrt.pipeline")
+
+
+@pytest.mark.parametrize("module", DEPLOYMENT)
+def test_the_deployment_path_loads_no_authoring_module(module):
+    """Importing a runtime loads no calibration, export or model-authoring code (and no TensorRT)."""
+    code = (
+        f"import sys, {module}\n"
+        f"bad = sorted(m for m in sys.modules if m.startswith({AUTHORING!r}) or m in ('tensorrt', 'polygraphy.backend.trt'))\n"
+        "print(' '.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+    assert out == "", f"importing {module} loads {out}"

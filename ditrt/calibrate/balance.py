@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ditrt.errors import ConfigError, InputError
+from ditrt.contracts.errors import ConfigError, InputError
 
 #: adaLN output chunks of a DiTBlock, in order.
 ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")

@@ -23,7 +23,8 @@ from torch import nn
 
 from ditrt.calibrate import balance as B
 from ditrt.calibrate.observe import CalibBatch, capture_layer_inputs
-from ditrt.calibrate.quantizers import activation_scale, fake_quant, fake_quant_weight, weight_scale
+from ditrt.calibrate.scale_search import activation_scale, weight_scale
+from ditrt.contracts.quantizers import fake_quant, fake_quant_weight
 
 #: The paper's alpha grid {0, 0.05, ..., 1}.
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))

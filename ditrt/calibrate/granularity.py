@@ -38,10 +38,11 @@ import torch
 from torch import nn
 
 from ditrt.calibrate.observe import CalibBatch, capture_layer_inputs
-from ditrt.calibrate.quantizers import fake_quant_weight, weight_scale
-from ditrt.calibrate.simulate import QuantLinear, set_module
-from ditrt.errors import ConfigError, InputError
-from ditrt.recipe import INT4_BLOCK_SIZES
+from ditrt.calibrate.scale_search import weight_scale
+from ditrt.contracts.errors import ConfigError, InputError
+from ditrt.contracts.precisions import INT4_BLOCK_SIZES
+from ditrt.contracts.quantizers import fake_quant_weight
+from ditrt.models.quantized import QuantLinear, set_module
 
 #: The per-channel choice (a scale per output channel); every other choice is an INT4 block size along the input dim.
 CHANNEL = 0

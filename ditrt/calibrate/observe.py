@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ditrt.contracts.recipe import CalibrationSettings
 from ditrt.diffusion.recording import Recorder, uniform_indices
 from ditrt.diffusion.sampler import SamplerConfig, sample
 from ditrt.diffusion.schedule import make_schedule
-from ditrt.recipe import CalibrationSettings
 
 CalibBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x (B, C, H, W), t (B,), y (B,)
 

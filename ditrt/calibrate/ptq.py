@@ -1,7 +1,7 @@
 """The post-training quantization procedure: observe -> balance (fold) -> re-observe -> scales
 [-> block reconstruction].
 
-``calibrate(model, config, batches)`` returns a :class:`ditrt.recipe.Recipe` and its tensors.
+``calibrate(model, config, batches)`` returns a :class:`ditrt.contracts.recipe.Recipe` and its tensors.
 Balancing is folded into the weights offline (PTQ4DiT's re-parameterization), so the recipe's
 float model computes exactly what the original computes and nothing is left for run time.
 """
@@ -17,10 +17,11 @@ from torch import nn
 
 from ditrt.calibrate import balance as B
 from ditrt.calibrate.observe import CalibBatch, LayerStats, observe_linear_inputs
-from ditrt.calibrate.quantizers import activation_scale, weight_scale
-from ditrt.errors import ConfigError
-from ditrt.models.checkpoints import state_dict_hash
-from ditrt.recipe import INT4_BLOCK_SIZES, METHODS, CalibrationSettings, Recipe, precision_settings
+from ditrt.calibrate.scale_search import activation_scale, weight_scale
+from ditrt.contracts.errors import ConfigError
+from ditrt.contracts.files import state_dict_hash
+from ditrt.contracts.precisions import INT4_BLOCK_SIZES, get_precision
+from ditrt.contracts.recipe import METHODS, CalibrationSettings, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class CalibrateConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        precision_settings(self.precision)
+        get_precision(self.precision)
         if self.block_size not in INT4_BLOCK_SIZES:
             raise ConfigError(f"INT4 block size must be 64 or 128 (TensorRT's INT4 formats), got {self.block_size}")
         if self.scale_search not in (None, "minmax", "percentile", "mse"):
@@ -146,7 +147,8 @@ def calibrate(model: nn.Module, config: CalibrateConfig, batches: list[CalibBatc
     """Quantize ``model`` (left untouched) with ``config`` on recorded calibration ``batches``."""
     import copy
 
-    w_bits, a_bits, granularity, _ = precision_settings(config.precision)
+    p = get_precision(config.precision)
+    w_bits, a_bits, granularity = p.weight_bits, p.act_bits, p.weight_granularity
     model_hash = state_dict_hash(model)
     work = copy.deepcopy(model).eval()
     layers = quantized_layers(work, config.quantize_all)

@@ -12,7 +12,7 @@ inputs. Two things are learned, nothing else:
   gradient of ``round`` taken as the identity.
 
 The result is an ordinary recipe: each reconstructed weight is written back on its integer grid
-(``s * k``), so plain round-to-nearest (:func:`ditrt.calibrate.quantizers.fake_quant_weight`, the ONNX
+(``s * k``), so plain round-to-nearest (:func:`ditrt.contracts.quantizers.fake_quant_weight`, the ONNX
 QuantizeLinear) reproduces the learned rounding exactly, and the learned input scales replace the
 calibrated ones.
 """
@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditrt.calibrate.observe import CalibBatch
-from ditrt.calibrate.quantizers import expand_weight_scale, qrange
-from ditrt.calibrate.simulate import QuantLinear, quantized_model, set_module
-from ditrt.errors import ConfigError, InputError
-from ditrt.recipe import Recipe
+from ditrt.contracts.errors import ConfigError, InputError
+from ditrt.contracts.quantizers import expand_weight_scale, qrange
+from ditrt.contracts.recipe import Recipe
+from ditrt.models.quantized import QuantLinear, quantized_model, set_module
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ditrt.calibrate.balance import BRANCHES, activation_salience, fold_into_adaln
-from ditrt.errors import ConfigError, InputError
+from ditrt.contracts.errors import ConfigError, InputError
 
 #: Factors are capped so that a near-dead channel does not get an absurd multiplier.
 MAX_FACTOR = 1e4

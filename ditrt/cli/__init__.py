@@ -1,6 +1,6 @@
 """The ``ditrt`` command line: a thin shim over the library verbs.
 
-User mistakes (:class:`ditrt.errors.DitrtError`) become one line on stderr and exit code 2;
+User mistakes (:class:`ditrt.contracts.errors.DitrtError`) become one line on stderr and exit code 2;
 heavy optional imports happen inside the commands so ``ditrt --help`` works anywhere.
 """
 
@@ -12,7 +12,7 @@ import sys
 import click
 
 from ditrt import __version__
-from ditrt.errors import DitrtError
+from ditrt.contracts.errors import DitrtError
 
 
 class _Group(click.Group):

@@ -28,10 +28,10 @@ def build(onnx_path, out_path, batch, no_cfg, opt_level, timing_cache, workspace
 
     From a timestep-group manifest: one engine per group (OUT stem.g<i>.plan, each with its sidecar)
     and OUT stem.groups.json, which `ditrt sample --engine` takes."""
+    from ditrt.contracts.groups import is_group_manifest, read_manifest
+    from ditrt.contracts.profile import BuildConfig, parse_batch
+    from ditrt.contracts.sidecar import load_sidecar, sidecar_path
     from ditrt.engines.build import engine_from_onnx, engines_from_manifest
-    from ditrt.engines.profile import BuildConfig, parse_batch
-    from ditrt.engines.sidecar import load_sidecar, sidecar_path
-    from ditrt.export.groups import is_group_manifest, read_manifest
 
     lo, opt, hi = parse_batch(batch)
     config = BuildConfig(

@@ -47,8 +47,8 @@ def calibrate(model_spec, method, precision, calib_timesteps, calib_samples, ste
     from ditrt.calibrate.observe import record_calibration_inputs
     from ditrt.calibrate.ptq import CalibrateConfig
     from ditrt.calibrate.ptq import calibrate as run_calibration
+    from ditrt.contracts.recipe import CalibrationSettings, save_recipe
     from ditrt.models.builtin import is_pixel_model, load_model
-    from ditrt.recipe import CalibrationSettings, save_recipe
 
     device = resolve_device(device)
     settings = CalibrationSettings(steps=str(steps), timesteps=calib_timesteps, samples=calib_samples, cfg_scale=cfg_scale, seed=seed)
@@ -59,7 +59,7 @@ def calibrate(model_spec, method, precision, calib_timesteps, calib_samples, ste
         qdit_budget=qdit_budget, qdit_fitness=qdit_fitness, qdit_candidates=_choices(qdit_choices), calibration=settings,
     )  # fmt: skip
     if calib_timesteps <= 0 or calib_samples <= 0:
-        from ditrt.errors import ConfigError
+        from ditrt.contracts.errors import ConfigError
 
         raise ConfigError("--calib-timesteps and --calib-samples must be positive")
     start = time.time()
@@ -81,8 +81,8 @@ def calibrate(model_spec, method, precision, calib_timesteps, calib_samples, ste
 
 
 def _choices(text: str) -> tuple[int, ...]:
-    from ditrt.errors import ConfigError
-    from ditrt.recipe import INT4_BLOCK_SIZES
+    from ditrt.contracts.errors import ConfigError
+    from ditrt.contracts.precisions import INT4_BLOCK_SIZES
 
     out = []
     for part in text.split(","):

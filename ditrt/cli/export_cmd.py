@@ -21,12 +21,12 @@ from ditrt.cli.options import model_option
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="The .onnx file to write.")
 def export(model_spec, recipe_dir, dtype, opset, out_path):
     """Export a model (float, or quantized by a recipe) to ONNX with a dynamic batch."""
+    from ditrt.contracts.files import state_dict_hash
+    from ditrt.contracts.groups import group_graph_path
+    from ditrt.contracts.recipe import check_recipe_matches, load_recipe
     from ditrt.export import check_onnx, export_onnx
-    from ditrt.export.groups import group_graph_path
     from ditrt.export.onnx_export import export_timestep_groups
     from ditrt.models.builtin import load_model
-    from ditrt.models.checkpoints import state_dict_hash
-    from ditrt.recipe import check_recipe_matches, load_recipe
 
     model = load_model(model_spec)
     recipe = tensors = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ditrt.errors import ConfigError
+from ditrt.contracts.errors import ConfigError
 
 
 def parse_classes(text: str | None) -> list[int] | None:

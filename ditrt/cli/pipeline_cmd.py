@@ -30,10 +30,11 @@ from ditrt.cli.options import model_option, parse_classes
 def compare(model_spec, recipe_dir, onnx_path, reference_onnx, engine, per_layer, threshold, atol, rtol, steps, timesteps,
             save_inputs, load_inputs, as_json):  # fmt: skip
     """Accuracy of an exported graph (and engine) on real DiT inputs, through Polygraphy."""
-    from ditrt.compare.accuracy import compare_runners, per_layer as per_layer_compare
+    from ditrt.compare.accuracy import compare_runners
+    from ditrt.compare.accuracy import per_layer as per_layer_compare
     from ditrt.compare.inputs import load_feeds, record_feeds, save_feeds
     from ditrt.compare.runners import DenoiserRunner
-    from ditrt.errors import ArtifactError
+    from ditrt.contracts.errors import ArtifactError
     from ditrt.models.builtin import is_pixel_model, load_model
     from ditrt.runtime.onnxruntime_backend import OnnxRuntimeDenoiser, make_session
 
@@ -48,7 +49,7 @@ def compare(model_spec, recipe_dir, onnx_path, reference_onnx, engine, per_layer
     if reference_onnx is not None:
         reference = DenoiserRunner(OnnxRuntimeDenoiser(reference_onnx), image_shape=shape, name=f"onnxruntime:{reference_onnx.name}")
     elif recipe_dir is not None:
-        from ditrt.calibrate.simulate import load_quantized
+        from ditrt.models.quantized import load_quantized
 
         sim, _ = load_quantized(recipe_dir, model, model_source=str(model_spec))
         reference = DenoiserRunner(sim, image_shape=shape, name="torch:simulated-recipe")
@@ -82,14 +83,14 @@ def compare(model_spec, recipe_dir, onnx_path, reference_onnx, engine, per_layer
 
 
 def _folded_float_graph(model, recipe_dir, tmp: Path) -> Path:
-    from ditrt.errors import ConfigError
+    from ditrt.contracts.errors import ConfigError
     from ditrt.export import export_onnx
 
     if recipe_dir is None:
         raise ConfigError("--per-layer needs a second graph: pass --reference-onnx, or --recipe to export its float graph")
+    from ditrt.contracts.files import state_dict_hash
+    from ditrt.contracts.recipe import check_recipe_matches, load_recipe
     from ditrt.export.qdq import folded_model
-    from ditrt.models.checkpoints import state_dict_hash
-    from ditrt.recipe import check_recipe_matches, load_recipe
 
     recipe, tensors = load_recipe(recipe_dir)
     check_recipe_matches(recipe, state_dict_hash(model), "--model")
@@ -111,8 +112,8 @@ def _folded_float_graph(model, recipe_dir, tmp: Path) -> Path:
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 def pipeline(model_spec, method, precision, steps, cfg_scale, num, classes, seed, calib_timesteps, calib_samples, backend, out_dir):
     """Calibrate, export, check, build, sample float and quantized, evaluate and compare: OUT/report.md."""
+    from ditrt.contracts.recipe import CalibrationSettings
     from ditrt.pipeline import PipelineConfig, run_pipeline
-    from ditrt.recipe import CalibrationSettings
 
     cls = parse_classes(classes)
     config = PipelineConfig(

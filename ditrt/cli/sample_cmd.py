@@ -46,7 +46,7 @@ def sample(model_spec, config_name, recipe_dir, onnx_path, engine_path, backend,
     cfg = model.config
     pixel = is_pixel_model(model)
     if recipe_dir is not None:
-        from ditrt.calibrate.simulate import load_quantized
+        from ditrt.models.quantized import load_quantized
 
         model, recipe = load_quantized(recipe_dir, model, model_source=str(model_spec))
     sampler = SamplerConfig(steps=str(steps), cfg_scale=cfg_scale, guidance=guidance, clip_denoised=pixel)
@@ -76,7 +76,7 @@ def sample(model_spec, config_name, recipe_dir, onnx_path, engine_path, backend,
 
 def _denoiser(backend: str, model, onnx_path, engine_path, device: str):
     """The model behind the sampler: torch (float or simulated recipe), an ONNX graph, an engine."""
-    from ditrt.errors import ConfigError
+    from ditrt.contracts.errors import ConfigError
 
     if backend == "torch":
         if onnx_path or engine_path:
@@ -87,7 +87,7 @@ def _denoiser(backend: str, model, onnx_path, engine_path, device: str):
     if backend == "onnxruntime":
         if onnx_path is None:
             raise ConfigError("--backend onnxruntime needs --onnx M.onnx (create it with `ditrt export`)")
-        from ditrt.export.groups import is_group_manifest
+        from ditrt.contracts.groups import is_group_manifest
         from ditrt.runtime.groups import TimestepGroupDenoiser
         from ditrt.runtime.onnxruntime_backend import OnnxRuntimeDenoiser
 
@@ -97,7 +97,7 @@ def _denoiser(backend: str, model, onnx_path, engine_path, device: str):
         return OnnxRuntimeDenoiser(onnx_path, providers=providers)
     if engine_path is None:
         raise ConfigError("--backend tensorrt needs --engine M.plan (create it with `ditrt build`)")
-    from ditrt.export.groups import is_group_manifest, read_manifest
+    from ditrt.contracts.groups import is_group_manifest, read_manifest
     from ditrt.runtime.tensorrt_backend import TensorRTDenoiser
 
     if is_group_manifest(engine_path):  # one engine per timestep group of activation scales
@@ -124,7 +124,7 @@ def _load_with_config(spec, name):
 @click.option("--save", type=click.Path(path_type=Path), default=None, help="Also write the JSON object to this file.")
 def evaluate(samples, reference, as_json, save):
     """Quality of a digits sample set: FD (with its floor), class accuracy, paired PSNR."""
-    from ditrt.models.checkpoints import atomic_write
+    from ditrt.contracts.files import atomic_write
     from ditrt.quality.report import evaluate_samples
 
     result = evaluate_samples(samples, reference)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ditrt.compare.inputs import quiet_polygraphy
-from ditrt.errors import InputError
+from ditrt.contracts.errors import InputError
 
 
 def output_stats(ref: np.ndarray, test: np.ndarray) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ditrt.calibrate.observe import record_calibration_inputs
-from ditrt.recipe import CalibrationSettings
+from ditrt.contracts.recipe import CalibrationSettings
 
 Feed = dict[str, np.ndarray]
 
@@ -43,7 +43,7 @@ def feed(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> Feed:
 def save_feeds(feeds: list[Feed], path: Path) -> Path:
     from polygraphy.json import save_json
 
-    from ditrt.models.checkpoints import atomic_write
+    from ditrt.contracts.files import atomic_write
 
     with quiet_polygraphy():
         return atomic_write(Path(path), lambda tmp: save_json(feeds, str(tmp), description="ditrt comparison inputs"))
@@ -52,7 +52,7 @@ def save_feeds(feeds: list[Feed], path: Path) -> Path:
 def load_feeds(path: Path) -> list[Feed]:
     from polygraphy.json import load_json
 
-    from ditrt.errors import ArtifactError
+    from ditrt.contracts.errors import ArtifactError
 
     try:
         with quiet_polygraphy():

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditrt.contracts.errors import ArtifactError, InputError
 from ditrt.diffusion.sampler import SamplerConfig, sample
 from ditrt.diffusion.schedule import make_schedule
-from ditrt.errors import ArtifactError, InputError
 
 
 @dataclass
@@ -26,7 +26,7 @@ class SampleSet:
     settings: dict = field(default_factory=dict)
 
     def save(self, path: Path) -> Path:
-        from ditrt.models.checkpoints import atomic_write
+        from ditrt.contracts.files import atomic_write
 
         def write(tmp: Path):
             buf = io.BytesIO()

@@ -18,8 +18,8 @@ from typing import Protocol
 
 import torch
 
+from ditrt.contracts.errors import ConfigError, InputError
 from ditrt.diffusion.schedule import Schedule, make_schedule
-from ditrt.errors import ConfigError, InputError
 
 
 class Denoiser(Protocol):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ditrt.errors import ConfigError
+from ditrt.contracts.errors import ConfigError
 
 NUM_TRAIN_TIMESTEPS = 1000
 

@@ -13,12 +13,12 @@ import hashlib
 import logging
 from pathlib import Path
 
-from ditrt.engines.onnx_info import onnx_sha256, read_onnx
-from ditrt.engines.profile import BuildConfig, ShapeRange, profile_shapes, profile_to_dict
-from ditrt.engines.sidecar import make_sidecar, save_sidecar, sidecar_path
-from ditrt.errors import ArtifactError, ConfigError, MissingDependencyError
-from ditrt.export.groups import group_file, manifest_path, read_manifest, write_manifest
-from ditrt.models.checkpoints import atomic_write
+from ditrt.contracts.errors import ArtifactError, ConfigError, MissingDependencyError
+from ditrt.contracts.files import atomic_write, onnx_sha256
+from ditrt.contracts.groups import group_file, manifest_path, read_manifest, write_manifest
+from ditrt.contracts.profile import BuildConfig, ShapeRange, profile_shapes, profile_to_dict
+from ditrt.contracts.sidecar import make_sidecar, save_sidecar, sidecar_path
+from ditrt.engines.onnx_info import read_onnx
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,10 @@ is summarised without loading its weights.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ditrt.errors import ArtifactError
+from ditrt.contracts.files import external_locations, load_onnx_graph
 
 #: metadata_props keys that may name the precision, most specific first (ditrt export writes the first).
 PRECISION_KEYS = ("ditrt.precision", "ditrt.recipe.precision", "precision")
@@ -32,38 +31,11 @@ class OnnxSummary:
     external_data: tuple[str, ...] = ()
 
 
-def _load(path: Path):
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"ONNX file {path} not found; create it with `ditrt export`")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001  protobuf DecodeError and friends: the file is not an ONNX model
-        raise ArtifactError(
-            f"{path} is not a readable ONNX model ({type(e).__name__}); re-export it with `ditrt export`"
-        ) from None
-
-
 def _dims(value_info) -> tuple:
     t = value_info.type.tensor_type
     if not t.HasField("shape"):
         return ()
     return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
-
-
-def _external_locations(model) -> tuple[str, ...]:
-    from onnx import TensorProto
-
-    locations = set()
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:  # Constant nodes can hold external tensors too
-        tensors += [a.t for a in node.attribute if a.HasField("t")]
-    for t in tensors:
-        if t.data_location == TensorProto.EXTERNAL:
-            locations.update(e.value for e in t.external_data if e.key == "location")
-    return tuple(sorted(locations))
 
 
 def infer_precision(model) -> str:
@@ -94,7 +66,7 @@ def read_onnx(path: Path) -> OnnxSummary:
     """Summarise the ONNX file at ``path`` (graph only; raises :class:`ArtifactError` if unreadable)."""
     from onnx import TensorProto
 
-    model = _load(path)
+    model = load_onnx_graph(path)
     initializers = {t.name for t in model.graph.initializer}
     graph_inputs = [i for i in model.graph.input if i.name not in initializers]  # old exporters list weights as inputs
     metadata = {p.key: p.value for p in model.metadata_props}
@@ -107,35 +79,5 @@ def read_onnx(path: Path) -> OnnxSummary:
         metadata={k: v for k, v in metadata.items() if k.startswith("ditrt.")},
         precision=precision or infer_precision(model),
         precision_source=source,
-        external_data=_external_locations(model),
+        external_data=external_locations(model),
     )
-
-
-def _hash_file(h, path: Path) -> None:
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    _hash_file(h, Path(path))
-    return h.hexdigest()
-
-
-def onnx_sha256(path: Path, external_data: tuple[str, ...] | None = None) -> str:
-    """sha256 of the ONNX file, and of its external data files (in name order) when it has any."""
-    path = Path(path)
-    if external_data is None:
-        external_data = _external_locations(_load(path))
-    if not external_data:
-        return file_sha256(path)
-    h = hashlib.sha256()
-    _hash_file(h, path)
-    for name in external_data:
-        data = path.parent / name
-        if not data.is_file():
-            raise ArtifactError(f"the external data file {data} of {path} is missing; re-export the model with `ditrt export`")
-        h.update(f"\0{name}\0".encode())
-        _hash_file(h, data)
-    return h.hexdigest()

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ditrt.errors import ArtifactError
-from ditrt.recipe import INT4_BLOCK_SIZES
+from ditrt.contracts.errors import ArtifactError
+from ditrt.contracts.precisions import INT4_BLOCK_SIZES
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ Linear's MatMul. The TorchScript exporter is not used: it is deprecated and writ
 float16 models. Quantized graphs are the folded float graph with Q/DQ inserted at the graph level
 (:mod:`ditrt.export.qdq`); the exporter's fake-quant support cannot express INT4 or dynamic batch.
 
-The I/O contract is :mod:`ditrt.export.spec`: ``x, t, y -> out``, float32 at the boundary, dynamic
+The I/O contract is :mod:`ditrt.contracts.spec`: ``x, t, y -> out``, float32 at the boundary, dynamic
 ``batch``. Files are written atomically; models whose weights do not fit in one protobuf (2 GiB)
 keep their weights in ``<name>.data`` next to the graph (ONNX external data).
 """
@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditrt import __version__
-from ditrt.errors import ConfigError
-from ditrt.export.groups import group_graph_path, write_manifest
-from ditrt.export.spec import INPUT_NAMES, OUTPUT_NAMES, DiTSpec
-from ditrt.models.checkpoints import atomic_write, state_dict_hash
+from ditrt.contracts.errors import ConfigError
+from ditrt.contracts.files import atomic_write, state_dict_hash, tensors_sha256
+from ditrt.contracts.groups import group_graph_path, write_manifest
+from ditrt.contracts.recipe import Recipe
+from ditrt.contracts.spec import INPUT_NAMES, OUTPUT_NAMES, DiTSpec
 from ditrt.models.dit import DiT, TimestepEmbedder
-from ditrt.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def export_onnx(
     """Export ``model`` to ``path`` and return it.
 
     ``dtype``: "fp32" or "fp16" (weights and activations float16, LayerNorm in float32 through
-    Casts, float32 graph boundary). ``recipe`` and ``tensors`` (from :func:`ditrt.recipe.load_recipe`):
+    Casts, float32 graph boundary). ``recipe`` and ``tensors`` (from :func:`ditrt.contracts.recipe.load_recipe`):
     export the recipe's folded weights with Q/DQ for its quantized layers (w8a8, w4a16); recipes that
     TensorRT cannot run are refused. ``opset``: None means :data:`DEFAULT_OPSET`. ``batch``: the batch
     the model is traced at (the graph's batch axis stays dynamic). ``external_data``: None writes
@@ -82,7 +82,7 @@ def export_onnx(
     opset = DEFAULT_OPSET if opset is None else opset
     _check_options(dtype, opset, batch)
     if (recipe is None) != (tensors is None):
-        raise ConfigError("pass both recipe and tensors (from ditrt.recipe.load_recipe), or neither")
+        raise ConfigError("pass both recipe and tensors (from ditrt.contracts.recipe.load_recipe), or neither")
     model_hash = state_dict_hash(model)
     if recipe is not None:
         qdq.check_exportable(recipe, tensors, dtype=dtype, opset=opset, model_hash=model_hash, timestep_group=timestep_group)
@@ -231,12 +231,7 @@ def _metadata(model: DiT, dtype: str, model_hash: str, recipe: Recipe | None, te
 
 def recipe_hash(recipe: Recipe, tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over the recipe JSON and every recipe tensor (names, shapes, dtypes, bytes)."""
-    h = hashlib.sha256(recipe.to_json().encode())
-    for k in sorted(tensors):
-        t = tensors[k].detach().cpu().contiguous()
-        h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return tensors_sha256(tensors, hashlib.sha256(recipe.to_json().encode()))
 
 
 # -------------------------------------------------------------------------------------------- save

@@ -1,4 +1,4 @@
-"""Q/DQ insertion into an exported float DiT graph, from a recipe (see :mod:`ditrt.recipe`).
+"""Q/DQ insertion into an exported float DiT graph, from a recipe (see :mod:`ditrt.contracts.recipe`).
 
 For each quantized Linear ``L`` (found by the module path the dynamo exporter records on its
 MatMul or Gemm node, and verified against the folded weight), the weight becomes an integer
@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ditrt.calibrate.quantizers import expand_weight_scale, quantize
-from ditrt.errors import ArtifactError, ConfigError
-from ditrt.recipe import INT4_BLOCK_SIZES, Recipe, check_recipe_matches
+from ditrt.contracts.errors import ArtifactError, ConfigError
+from ditrt.contracts.precisions import INT4_BLOCK_SIZES
+from ditrt.contracts.quantizers import expand_weight_scale, quantize
+from ditrt.contracts.recipe import Recipe, check_recipe_matches
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ditrt.errors import CheckpointError
+from ditrt.contracts.errors import CheckpointError
 from ditrt.models.dit import DiT
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"

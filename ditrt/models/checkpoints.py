@@ -9,42 +9,23 @@ Accepted inputs:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
 from ditrt import __version__
-from ditrt.errors import CheckpointError
-from ditrt.models.dit import CONFIGS, DiT, DiTConfig
+from ditrt.contracts.errors import CheckpointError
+from ditrt.contracts.files import atomic_write
+from ditrt.contracts.model_config import CONFIGS, DiTConfig
+from ditrt.models.dit import DiT
 
 DITRT_FORMAT = "ditrt-dit"
 
 
 # ---------------------------------------------------------------------------------- writing
-def atomic_write(path: Path, write) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: no half-written file is ever left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def save_ditrt_checkpoint(model: DiT, path: Path, *, extra: dict | None = None) -> Path:
     """Save weights (official key layout) with the config and ``extra`` in the safetensors metadata."""
     from safetensors.torch import save_file
@@ -54,16 +35,6 @@ def save_ditrt_checkpoint(model: DiT, path: Path, *, extra: dict | None = None) 
         meta["extra"] = json.dumps(extra)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     return atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-
-
-def state_dict_hash(model: torch.nn.Module) -> str:
-    """sha256 over parameter names, shapes, dtypes and bytes: identifies the exact weights."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        t = v.detach().cpu().contiguous()
-        h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------- reading

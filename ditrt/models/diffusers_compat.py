@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ditrt.errors import CheckpointError
-from ditrt.models.dit import DiT, DiTConfig, sincos_pos_embed_2d
+from ditrt.contracts.errors import CheckpointError
+from ditrt.contracts.model_config import DiTConfig
+from ditrt.models.dit import DiT, sincos_pos_embed_2d
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ditrt.errors import CheckpointError
+from ditrt.contracts.errors import CheckpointError
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights" / "digits-classifier.safetensors"
 
@@ -37,7 +37,7 @@ class DigitsClassifier(nn.Module):
 def save_classifier(net: DigitsClassifier, path: Path, meta: dict) -> Path:
     from safetensors.torch import save_file
 
-    from ditrt.models.checkpoints import atomic_write
+    from ditrt.contracts.files import atomic_write
 
     tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
     return atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"extra": json.dumps(meta)}))

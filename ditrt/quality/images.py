@@ -54,6 +54,6 @@ def side_by_side(grids: list, titles: list[str] | None = None):
 
 
 def save_png(image, path: Path) -> Path:
-    from ditrt.models.checkpoints import atomic_write
+    from ditrt.contracts.files import atomic_write
 
     return atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))

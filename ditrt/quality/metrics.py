@@ -17,7 +17,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ditrt.errors import InputError
+from ditrt.contracts.errors import InputError
 
 PSNR_CAP_DB = 200.0  # identical sets give infinite PSNR; JSON has no infinity
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ditrt.errors import InputError
+from ditrt.contracts.errors import InputError
 from ditrt.quality import metrics
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ditrt.errors import ArtifactError
-from ditrt.export.groups import read_manifest
-from ditrt.recipe import batch_timestep_group
+from ditrt.contracts.errors import ArtifactError
+from ditrt.contracts.groups import read_manifest
+from ditrt.contracts.recipe import batch_timestep_group
 
 
 class TimestepGroupDenoiser:

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditrt.errors import ArtifactError, InputError, MissingDependencyError
-from ditrt.export.spec import INPUT_NAMES, OUTPUT_NAMES
+from ditrt.contracts.errors import ArtifactError, InputError, MissingDependencyError
+from ditrt.contracts.spec import INPUT_NAMES, OUTPUT_NAMES
 
 log = logging.getLogger(__name__)
 

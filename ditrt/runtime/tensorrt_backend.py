@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from ditrt.contracts.errors import ArtifactError, ConfigError, InputError
+from ditrt.contracts.sidecar import load_sidecar, verify_sidecar
 from ditrt.engines.build import gpu_identity, import_tensorrt, require_cuda_gpu
-from ditrt.engines.sidecar import load_sidecar, verify_sidecar
-from ditrt.errors import ArtifactError, ConfigError, InputError
 
 log = logging.getLogger(__name__)
 

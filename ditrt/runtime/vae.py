@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditrt.errors import CheckpointError, MissingDependencyError
+from ditrt.contracts.errors import CheckpointError, MissingDependencyError
 
 
 def decode_latents(latents: np.ndarray, vae_dir: Path, *, device: str = "cpu", batch_size: int = 16) -> np.ndarray:

@@ -4,8 +4,8 @@ inputs from a short float sampling run (each test module gets its own, as before
 import pytest
 
 from ditrt.calibrate.observe import record_calibration_inputs
-from ditrt.models.dit import CONFIGS
-from ditrt.recipe import CalibrationSettings
+from ditrt.contracts.model_config import CONFIGS
+from ditrt.contracts.recipe import CalibrationSettings
 from tests.conftest import random_dit
 
 SETTINGS = CalibrationSettings(steps="20", timesteps=5, samples=4)

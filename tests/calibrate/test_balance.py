@@ -15,9 +15,10 @@ from ditrt.calibrate.balance import (
     ssc_salience,
     weight_salience,
 )
-from ditrt.calibrate.quantizers import activation_scale, fake_quant, fake_quant_weight, weight_scale
-from ditrt.errors import ConfigError, InputError
-from ditrt.models.dit import CONFIGS
+from ditrt.calibrate.scale_search import activation_scale, weight_scale
+from ditrt.contracts.errors import ConfigError, InputError
+from ditrt.contracts.model_config import CONFIGS
+from ditrt.contracts.quantizers import fake_quant, fake_quant_weight
 from tests.conftest import TINY, random_dit
 
 scipy_stats = pytest.importorskip("scipy.stats")

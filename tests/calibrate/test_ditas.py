@@ -16,7 +16,7 @@ from ditrt.calibrate.ditas import (
 )
 from ditrt.calibrate.observe import capture_layer_inputs, observe_linear_inputs
 from ditrt.calibrate.ptq import apply_balance
-from ditrt.calibrate.quantizers import fake_quant, fake_quant_weight
+from ditrt.contracts.quantizers import fake_quant, fake_quant_weight
 
 TARGETS = [f"blocks.{i}.{n}" for i in range(6) for n in ("attn.qkv", "mlp.fc1", "attn.proj")]
 

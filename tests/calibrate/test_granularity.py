@@ -9,9 +9,10 @@ from torch import nn
 from ditrt.calibrate import granularity as G
 from ditrt.calibrate.granularity import CHANNEL, SearchSettings, allowed_choices, mean_group_size, scale_count, search_granularity
 from ditrt.calibrate.ptq import quantized_layers
-from ditrt.calibrate.quantizers import fake_quant_weight, weight_scale
-from ditrt.calibrate.simulate import QuantLinear, set_module
-from ditrt.errors import ConfigError
+from ditrt.calibrate.scale_search import weight_scale
+from ditrt.contracts.errors import ConfigError
+from ditrt.contracts.quantizers import fake_quant_weight
+from ditrt.models.quantized import QuantLinear, set_module
 from tests.conftest import TINY, random_dit
 
 

@@ -6,12 +6,13 @@ from click.testing import CliRunner
 
 from ditrt.calibrate.observe import observe_linear_inputs
 from ditrt.calibrate.ptq import CalibrateConfig, calibrate, quantized_layers
-from ditrt.calibrate.simulate import QuantLinear, load_quantized
 from ditrt.cli import main
-from ditrt.errors import ArtifactError, ConfigError
-from ditrt.models.checkpoints import save_ditrt_checkpoint, state_dict_hash
-from ditrt.models.dit import CONFIGS
-from ditrt.recipe import load_recipe, save_recipe
+from ditrt.contracts.errors import ArtifactError, ConfigError
+from ditrt.contracts.files import state_dict_hash
+from ditrt.contracts.model_config import CONFIGS
+from ditrt.contracts.recipe import load_recipe, save_recipe
+from ditrt.models.checkpoints import save_ditrt_checkpoint
+from ditrt.models.quantized import QuantLinear, load_quantized
 from tests.calibrate.conftest import SETTINGS
 from tests.conftest import random_dit
 

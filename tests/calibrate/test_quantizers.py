@@ -1,17 +1,9 @@
 import pytest
 import torch
 
-from ditrt.calibrate.quantizers import (
-    MSE_RATIOS,
-    PERCENTILES,
-    activation_scale,
-    fake_quant,
-    fake_quant_weight,
-    qrange,
-    quantize,
-    weight_scale,
-)
-from ditrt.errors import ConfigError, InputError
+from ditrt.calibrate.scale_search import MSE_RATIOS, PERCENTILES, activation_scale, weight_scale
+from ditrt.contracts.errors import ConfigError, InputError
+from ditrt.contracts.quantizers import fake_quant, fake_quant_weight, qrange, quantize
 
 
 def _heavy_tailed(shape, seed=0):

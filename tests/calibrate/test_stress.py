@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 
-from ditrt.calibrate.quantizers import activation_scale, fake_quant, fake_quant_weight, weight_scale
+from ditrt.calibrate.scale_search import activation_scale, weight_scale
 from ditrt.calibrate.stress import branch_layer, inject_salient_channels, input_salience, random_inputs
-from ditrt.errors import ConfigError
+from ditrt.contracts.errors import ConfigError
+from ditrt.contracts.quantizers import fake_quant, fake_quant_weight
 from tests.conftest import TINY, random_dit
 
 LAYERS = [branch_layer(i, b) for i in range(TINY.depth) for b in ("msa", "mlp")]

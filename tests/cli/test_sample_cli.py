@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ditrt.cli import main
+from ditrt.contracts.model_config import CONFIGS
 from ditrt.models.checkpoints import save_ditrt_checkpoint
-from ditrt.models.dit import CONFIGS
 from tests.conftest import random_dit
 
 

@@ -12,9 +12,8 @@ from ditrt.cli import main
 from ditrt.compare.accuracy import compare_runners, output_stats
 from ditrt.compare.inputs import load_feeds, record_feeds, save_feeds
 from ditrt.compare.runners import DenoiserRunner
+from ditrt.contracts.model_config import CONFIGS
 from ditrt.models.checkpoints import save_ditrt_checkpoint
-from ditrt.models.dit import CONFIGS
-
 from tests.conftest import random_dit
 
 SHAPE = (1, 8, 8)

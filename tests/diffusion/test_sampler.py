@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from ditrt.contracts.errors import ConfigError, InputError
 from ditrt.diffusion.sampler import SamplerConfig, guided_output, sample
 from ditrt.diffusion.schedule import linear_betas
-from ditrt.errors import ConfigError, InputError
 from tests.conftest import TINY, random_dit
 
 SHAPE = (4, 8, 8)

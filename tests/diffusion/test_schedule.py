@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from ditrt.contracts.errors import ConfigError
 from ditrt.diffusion.schedule import linear_betas, make_schedule, space_timesteps
-from ditrt.errors import ConfigError
 
 
 def test_linear_betas_endpoints():

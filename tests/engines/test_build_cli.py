@@ -7,8 +7,8 @@ from click.testing import CliRunner
 
 import ditrt.cli.build_cmd  # noqa: F401  (registers `build` on the group)
 from ditrt.cli import main
+from ditrt.contracts.errors import MissingDependencyError
 from ditrt.engines import BuildConfig, engine_from_onnx, tensorrt_available
-from ditrt.errors import MissingDependencyError
 
 AVAILABLE, WHY = tensorrt_available()
 HAS_TRT_MODULE = importlib.util.find_spec("tensorrt") is not None
@@ -83,7 +83,7 @@ def test_build_help_works_anywhere():
 @pytest.fixture
 def group_manifest(tmp_path):
     """A real two-group ONNX manifest (two tiny graphs beside it), as `ditrt export` writes one."""
-    from ditrt.export.groups import write_manifest
+    from ditrt.contracts.groups import write_manifest
     from tests.engines.conftest import write_tiny_onnx
 
     graphs = [write_tiny_onnx(tmp_path / f"m.g{g}.onnx") for g in range(2)]

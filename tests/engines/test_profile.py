@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
+from ditrt.contracts.errors import ArtifactError, ConfigError
+from ditrt.contracts.profile import BuildConfig, ShapeRange, parse_batch, profile_from_dict, profile_shapes, profile_to_dict
 from ditrt.engines.onnx_info import read_onnx
-from ditrt.engines.profile import BuildConfig, ShapeRange, parse_batch, profile_from_dict, profile_shapes, profile_to_dict
-from ditrt.errors import ArtifactError, ConfigError
 
 DIT_INPUTS = {"x": ("N", 4, 32, 32), "t": ("N",), "y": ("N",)}
 

@@ -5,10 +5,11 @@ import numpy as np
 import onnx
 import pytest
 
-from ditrt.engines.onnx_info import file_sha256, onnx_sha256, read_onnx
-from ditrt.engines.profile import BuildConfig, profile_shapes, profile_to_dict
-from ditrt.engines.sidecar import EngineSidecar, load_sidecar, make_sidecar, save_sidecar, sidecar_path, verify_sidecar
-from ditrt.errors import ArtifactError
+from ditrt.contracts.errors import ArtifactError
+from ditrt.contracts.files import file_sha256, onnx_sha256
+from ditrt.contracts.profile import BuildConfig, profile_shapes, profile_to_dict
+from ditrt.contracts.sidecar import EngineSidecar, load_sidecar, make_sidecar, save_sidecar, sidecar_path, verify_sidecar
+from ditrt.engines.onnx_info import read_onnx
 from tests.engines.conftest import write_tiny_onnx
 
 TRT, GPU, CC = "10.13.0.35", "NVIDIA H100 80GB HBM3", (9, 0)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from ditrt.calibrate.observe import record_calibration_inputs
+from ditrt.contracts.model_config import CONFIGS
+from ditrt.contracts.recipe import CalibrationSettings
 from ditrt.export import export_onnx
 from ditrt.models.builtin import load_model
-from ditrt.models.dit import CONFIGS
-from ditrt.recipe import CalibrationSettings
 from tests.conftest import TINY, random_dit
 from tests.export.recipes import absmax_recipe
 

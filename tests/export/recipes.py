@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ditrt.export.spec import DiTSpec
-from ditrt.models.checkpoints import state_dict_hash
-from ditrt.recipe import PRECISIONS, Recipe
+from ditrt.contracts.files import state_dict_hash
+from ditrt.contracts.precisions import PRECISIONS
+from ditrt.contracts.recipe import Recipe
+from ditrt.contracts.spec import DiTSpec
 
 
 def linear_names(model: nn.Module, quantize_all: bool = True) -> list[str]:
@@ -21,7 +22,8 @@ def absmax_recipe(
 ):
     """A recipe with plain absmax scales: weights per output channel (w8a8) or per block of the input
     dimension (w4a16), inputs per tensor over three random batches."""
-    wbits, abits, gran, _ = PRECISIONS[precision]
+    p = PRECISIONS[precision]
+    wbits, abits, gran = p.weight_bits, p.act_bits, p.weight_granularity
     qmax_w, qmax_a = 2 ** (wbits - 1) - 1, 127
     layers = linear_names(model, quantize_all)
     absmax = dict.fromkeys(layers, 0.0)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from ditrt.calibrate.ptq import CalibrateConfig, calibrate
-from ditrt.calibrate.simulate import quantized_model
 from ditrt.diffusion.sample_set import generate
 from ditrt.diffusion.sampler import SamplerConfig
 from ditrt.export import check_onnx, export_onnx
+from ditrt.models.quantized import quantized_model
 from ditrt.quality.metrics import paired_psnr, relative_error
 from ditrt.runtime.onnxruntime_backend import OnnxRuntimeDenoiser
 from tests.export.conftest import BUILTIN_SETTINGS as SETTINGS

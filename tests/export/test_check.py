@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ditrt.errors import ArtifactError
+from ditrt.contracts.errors import ArtifactError
 from ditrt.export import Violation, check_onnx
 
 K, N = 128, 8

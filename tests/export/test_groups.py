@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from ditrt.errors import ArtifactError, ConfigError
-from ditrt.export.groups import group_file, group_stem, manifest_path, read_manifest, write_manifest
+from ditrt.contracts.errors import ArtifactError, ConfigError
+from ditrt.contracts.groups import group_file, group_stem, manifest_path, read_manifest, write_manifest
 
 
 def test_names_derive_from_one_stem(tmp_path):

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from ditrt.calibrate.ptq import CalibrateConfig, calibrate, group_batches
-from ditrt.calibrate.simulate import quantized_model
-from ditrt.errors import ConfigError, InputError
+from ditrt.contracts.errors import ConfigError, InputError
 from ditrt.export import check_onnx, export_onnx
 from ditrt.export.onnx_export import export_timestep_groups
+from ditrt.models.quantized import quantized_model
 from ditrt.quality.metrics import relative_error
 from ditrt.runtime.groups import TimestepGroupDenoiser
 from ditrt.runtime.onnxruntime_backend import OnnxRuntimeDenoiser

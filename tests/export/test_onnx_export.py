@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ditrt import __version__
-from ditrt.errors import ConfigError
+from ditrt.contracts.errors import ConfigError
+from ditrt.contracts.spec import DiTSpec
 from ditrt.export import check_onnx, export_onnx, onnx_export
-from ditrt.export.spec import DiTSpec
 from tests.export.recipes import ort_session, rel_l2, run
 
 #: float16 unit roundoff is 4.9e-4; the whole network in float16 (LayerNorm and the timestep

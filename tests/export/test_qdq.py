@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from ditrt.calibrate.quantizers import expand_weight_scale, quantize
-from ditrt.calibrate.simulate import quantized_model
-from ditrt.errors import ArtifactError, ConfigError
+from ditrt.contracts.errors import ArtifactError, ConfigError
+from ditrt.contracts.quantizers import expand_weight_scale, quantize
+from ditrt.contracts.spec import DiTSpec
 from ditrt.export import check_onnx, export_onnx, onnx_export, qdq
-from ditrt.export.spec import DiTSpec
+from ditrt.models.quantized import quantized_model
 from tests.export.recipes import absmax_recipe, linear_names, ort_session, rel_l2, run
 
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from ditrt.errors import InputError
+from ditrt.contracts.errors import InputError
+from ditrt.contracts.model_config import CONFIGS
+from ditrt.contracts.spec import DiTSpec
 from ditrt.export.onnx_export import export_copy
-from ditrt.export.spec import DiTSpec
-from ditrt.models.dit import CONFIGS
 
 
 def test_shapes_and_sample_inputs():

@@ -5,10 +5,11 @@ import pickle
 import pytest
 import torch
 
-from ditrt.errors import CheckpointError
+from ditrt.contracts.errors import CheckpointError
+from ditrt.contracts.files import state_dict_hash
+from ditrt.contracts.model_config import CONFIGS
 from ditrt.models import diffusers_compat
-from ditrt.models.checkpoints import load_dit, save_ditrt_checkpoint, state_dict_hash
-from ditrt.models.dit import CONFIGS
+from ditrt.models.checkpoints import load_dit, save_ditrt_checkpoint
 from tests.conftest import TINY, random_dit
 
 

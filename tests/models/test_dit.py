@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from ditrt.errors import ConfigError
-from ditrt.models.dit import CONFIGS, DiT, build_model, sincos_pos_embed_2d, timestep_embedding
+from ditrt.contracts.errors import ConfigError
+from ditrt.contracts.model_config import CONFIGS
+from ditrt.models.dit import DiT, build_model, sincos_pos_embed_2d, timestep_embedding
 from tests.conftest import TINY, random_dit
 
 

@@ -2,11 +2,11 @@
 
 import torch
 
+from ditrt.contracts.model_config import CONFIGS
 from ditrt.diffusion.sample_set import generate
 from ditrt.diffusion.sampler import SamplerConfig
 from ditrt.models.builtin import BUILTIN_DIT, load_model
 from ditrt.models.checkpoints import read_checkpoint_meta
-from ditrt.models.dit import CONFIGS
 from ditrt.quality import metrics
 
 

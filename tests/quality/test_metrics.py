@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from ditrt.contracts.errors import InputError
 from ditrt.data.digits import load_digits_tensors, split_halves
-from ditrt.errors import InputError
 from ditrt.quality import metrics
 from ditrt.quality.images import sample_grid, to_uint8
 

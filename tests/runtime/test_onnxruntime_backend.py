@@ -4,11 +4,11 @@ import onnx
 import pytest
 import torch
 
-from ditrt.calibrate.simulate import quantized_model
+from ditrt.contracts.errors import ArtifactError, InputError, MissingDependencyError
+from ditrt.contracts.spec import DiTSpec
 from ditrt.diffusion.sampler import SamplerConfig, sample
-from ditrt.errors import ArtifactError, InputError, MissingDependencyError
 from ditrt.export import export_onnx
-from ditrt.export.spec import DiTSpec
+from ditrt.models.quantized import quantized_model
 from ditrt.runtime.onnxruntime_backend import OnnxRuntimeDenoiser, make_session, resolve_providers
 from ditrt.runtime.torch_backend import TorchDenoiser
 from tests.conftest import TINY, random_dit

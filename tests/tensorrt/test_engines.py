@@ -26,8 +26,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from ditrt.contracts.errors import ArtifactError, InputError
 from ditrt.engines import BuildConfig, engine_from_onnx, load_sidecar, sidecar_path, tensorrt_available
-from ditrt.errors import ArtifactError, InputError
 from tests.conftest import random_dit
 
 AVAILABLE, WHY = tensorrt_available()
@@ -60,14 +60,14 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def model():
-    from ditrt.models.dit import CONFIGS
+    from ditrt.contracts.model_config import CONFIGS
 
     return random_dit(CONFIGS["ditrt-digits"], std=0.03)
 
 
 @pytest.fixture(scope="module")
 def settings():
-    from ditrt.recipe import CalibrationSettings
+    from ditrt.contracts.recipe import CalibrationSettings
 
     return CalibrationSettings(steps="20", timesteps=5, samples=4)
 
@@ -254,8 +254,8 @@ def test_timestep_group_engines_sample_like_onnxruntime(model, batches, settings
     import ditrt.cli.build_cmd  # noqa: F401
     from ditrt.calibrate.ptq import CalibrateConfig, calibrate
     from ditrt.cli import main
+    from ditrt.contracts.groups import read_manifest
     from ditrt.diffusion.sampler import SamplerConfig, sample
-    from ditrt.export.groups import read_manifest
     from ditrt.export.onnx_export import export_timestep_groups
     from ditrt.runtime.groups import TimestepGroupDenoiser
     from ditrt.runtime.onnxruntime_backend import OnnxRuntimeDenoiser

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from ditrt.errors import ArtifactError, ConfigError
+from ditrt.contracts.errors import ArtifactError, ConfigError
 
 #: Dimension as read from an ONNX input: an int, or a str/None for a dynamic axis.
 Dim = int | str | None

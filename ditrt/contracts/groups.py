@@ -3,7 +3,7 @@
 A recipe calibrated with K timestep groups of activation scales exports K graphs that share their
 weights (``<stem>.g<i>.onnx``) and a manifest ``<stem>.groups.json``; ``ditrt build`` turns that
 into K engines (``<stem>.g<i>.plan``) and an engine manifest of the same format. The runtime reads
-either and picks the file of each call's timestep group (:func:`ditrt.recipe.timestep_group`).
+either and picks the file of each call's timestep group (:func:`ditrt.contracts.recipe.timestep_group`).
 
     {"format": "ditrt-timestep-groups", "kind": "onnx" | "tensorrt",
      "edges": [descending timesteps, K - 1 of them], "graphs": [K file names beside the manifest]}
@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ditrt.errors import ArtifactError, ConfigError
-from ditrt.models.checkpoints import atomic_write
+from ditrt.contracts.errors import ArtifactError, ConfigError
+from ditrt.contracts.files import atomic_write
 
 GROUPS_FORMAT = "ditrt-timestep-groups"
 SUFFIX = ".groups.json"

@@ -27,18 +27,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ditrt import __version__
-from ditrt.errors import ArtifactError, ConfigError, InputError
+from ditrt.contracts.errors import ArtifactError, InputError
+from ditrt.contracts.precisions import INT4_BLOCK_SIZES, Precision, get_precision
 
 RECIPE_FORMAT = "ditrt-recipe"
-#: precision -> (weight bits, activation bits or None, weight granularity, deployable on TensorRT)
-PRECISIONS = {
-    "w8a8": (8, 8, "channel", True),
-    "w4a16": (4, None, "block", True),
-    "w4a8": (4, 8, "channel", False),  # the papers' setting: INT4 weights + INT8 activations is no TensorRT format
-}
+#: The calibration methods a recipe may name; each is a strategy registered in :mod:`ditrt.calibrate.methods`.
 METHODS = ("minmax", "smoothquant", "ptq4dit", "ditas", "qdit")
-#: INT4 block sizes TensorRT's block-wise DequantizeLinear accepts (along the input dimension).
-INT4_BLOCK_SIZES = (64, 128)
 
 
 @dataclass(frozen=True)
@@ -76,9 +70,20 @@ class Recipe:
     ditrt_version: str = __version__
 
     @property
+    def spec(self) -> Precision:
+        """The registry entry of this recipe's precision."""
+        return get_precision(self.precision)
+
+    @property
     def deployable(self) -> bool:
         blocks_ok = all(b in INT4_BLOCK_SIZES for b in self.layer_block_sizes.values()) if self.weight_bits == 4 else True
-        return self.symmetric and PRECISIONS[self.precision][3] and not self.dynamic_activations and blocks_ok
+        return self.symmetric and self.spec.tensorrt and not self.dynamic_activations and blocks_ok
+
+    def block_of(self, layer: str) -> int | None:
+        """The INT4 block of ``layer`` (None per channel)."""
+        if self.spec.weight_granularity != "block" and layer not in self.layer_block_sizes:
+            return None
+        return self.layer_block_sizes.get(layer, self.block_size) or None
 
     @property
     def timestep_groups(self) -> int:
@@ -104,7 +109,23 @@ class Recipe:
         for k in ("layers", "balanced_layers", "notes", "timestep_group_edges"):
             d[k] = tuple(d.get(k, ()))
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        recipe = cls(**known)
+        recipe.validate()
+        return recipe
+
+    def validate(self) -> None:
+        """Refuse a recipe whose fields contradict the registry (an edited or foreign recipe.json)."""
+        fix = "re-run `ditrt calibrate` instead of editing recipe.json"
+        try:
+            p = get_precision(self.precision)
+        except Exception as e:
+            raise ArtifactError(f"recipe.json: {e}; {fix}") from None
+        if self.method not in METHODS:
+            raise ArtifactError(f"recipe.json names the unknown method {self.method!r} (known: {', '.join(METHODS)}); {fix}")
+        if (self.weight_bits, self.act_bits) != (p.weight_bits, p.act_bits):
+            raise ArtifactError(
+                f"recipe.json says w{self.weight_bits}/a{self.act_bits} bits, but {p.name} is w{p.weight_bits}/a{p.act_bits}; {fix}"
+            )
 
 
 def timestep_group(t: float, edges) -> int:
@@ -121,17 +142,50 @@ def batch_timestep_group(t, edges) -> int:
     return groups.pop()
 
 
-def precision_settings(precision: str) -> tuple[int, int | None, str, bool]:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
+@dataclass(frozen=True)
+class LayerQuant:
+    """The quantization data of one layer, typed (on disk: ``quant.<layer>.*`` in weights.safetensors).
+
+    ``weight_scale``: ``(out,)`` per output channel or ``(out, in // block)`` block-wise;
+    ``input_scale``: ``()`` or ``(K,)`` for K timestep groups, None without activation quantization;
+    zero points only in asymmetric (simulation-only) recipes."""
+
+    weight_scale: object
+    input_scale: object | None = None
+    weight_zero_point: object | None = None
+    input_zero_point: object | None = None
+
+    def input_scale_of(self, group: int):
+        """The per-tensor input scale of timestep group ``group`` (a recipe without groups has one)."""
+        s = self.input_scale
+        return s if s is None or s.ndim == 0 else s[group]
+
+
+def layer_quant(tensors: dict, layer: str) -> LayerQuant:
+    """The typed quantization data of ``layer`` from a recipe's tensors; :class:`ArtifactError` if it lacks the weight scale."""
+    p = f"quant.{layer}."
+    if p + "weight_scale" not in tensors:
+        raise ArtifactError(f"recipe tensors lack {p}weight_scale; the recipe folder is incomplete, re-run `ditrt calibrate`")
+    return LayerQuant(tensors[p + "weight_scale"], tensors.get(p + "input_scale"), tensors.get(p + "weight_zero_point"),
+                      tensors.get(p + "input_zero_point"))  # fmt: skip
+
+
+def layer_quant_tensors(layer: str, quant: LayerQuant) -> dict:
+    """The on-disk form of :class:`LayerQuant`: ``quant.<layer>.<field>`` for every field that is set."""
+    fields = ("weight_scale", "input_scale", "weight_zero_point", "input_zero_point")
+    return {f"quant.{layer}.{f}": getattr(quant, f) for f in fields if getattr(quant, f) is not None}
+
+
+def folded_state(tensors: dict) -> dict:
+    """The float state dict the recipe folded its balancing into (``model.*``, prefix stripped); empty if none."""
+    return {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
 
 
 def save_recipe(recipe: Recipe, tensors: dict, out_dir: Path) -> Path:
     """Write ``recipe.json`` and ``weights.safetensors`` atomically (each file by rename)."""
     from safetensors.torch import save_file
 
-    from ditrt.models.checkpoints import atomic_write
+    from ditrt.contracts.files import atomic_write
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,12 +205,15 @@ def load_recipe(recipe_dir: Path) -> tuple[Recipe, dict]:
         raise ArtifactError(f"{recipe_dir} is not a recipe folder (needs recipe.json and weights.safetensors); create it with `ditrt calibrate`")
     try:
         recipe = Recipe.from_json(rj.read_text())
-    except (json.JSONDecodeError, TypeError) as e:
+    except (json.JSONDecodeError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{rj} is not a valid recipe ({e}); re-run `ditrt calibrate`") from None
     try:
         tensors = load_file(str(wt))
     except Exception as e:
         raise ArtifactError(f"{wt} cannot be read ({str(e).splitlines()[0]}); re-run `ditrt calibrate`") from None
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)
+    if bad is not None:
+        raise ArtifactError(f"{wt} holds NaN or infinite values in {bad}; re-run `ditrt calibrate` on a model with finite weights")
     return recipe, tensors
 
 

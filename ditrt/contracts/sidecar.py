@@ -16,10 +16,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from ditrt import __version__
-from ditrt.engines.onnx_info import file_sha256, onnx_sha256
-from ditrt.engines.profile import profile_from_dict
-from ditrt.errors import ArtifactError
-from ditrt.models.checkpoints import atomic_write
+from ditrt.contracts.errors import ArtifactError
+from ditrt.contracts.files import atomic_write, file_sha256, onnx_sha256
+from ditrt.contracts.profile import profile_from_dict
 
 SIDECAR_FORMAT = "ditrt-engine"
 SIDECAR_VERSION = 1

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditrt.calibrate.quantizers import fake_quant, fake_quant_weight, qrange
-from ditrt.errors import ArtifactError
-from ditrt.recipe import Recipe, batch_timestep_group
+from ditrt.contracts.errors import ArtifactError
+from ditrt.contracts.quantizers import fake_quant, fake_quant_weight, qrange
+from ditrt.contracts.recipe import Recipe, batch_timestep_group
 
 
 class QuantLinear(nn.Module):
@@ -113,8 +113,8 @@ def quantized_model(model: nn.Module, recipe: Recipe, tensors: dict[str, torch.T
 
 def load_quantized(recipe_dir, model: nn.Module, *, model_source: str = "the model") -> tuple[nn.Module, Recipe]:
     """Load a recipe folder onto ``model`` after checking it was made from these exact weights."""
-    from ditrt.models.checkpoints import state_dict_hash
-    from ditrt.recipe import check_recipe_matches, load_recipe
+    from ditrt.contracts.files import state_dict_hash
+    from ditrt.contracts.recipe import check_recipe_matches, load_recipe
 
     recipe, tensors = load_recipe(recipe_dir)
     check_recipe_matches(recipe, state_dict_hash(model), model_source)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ditrt.errors import InputError
-from ditrt.models.dit import DiTConfig
+from ditrt.contracts.errors import InputError
+from ditrt.contracts.model_config import DiTConfig
 
 INPUT_NAMES = ("x", "t", "y")
 OUTPUT_NAMES = ("out",)

@@ -1,0 +1,65 @@
+"""The DiT architecture as data: :class:`DiTConfig` and the named sizes of the paper.
+
+A config is what every artifact records about the model (recipes, ONNX metadata, sample sets), so
+it lives here, below the model code: a stage that only needs the I/O shapes reads it without
+importing the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Architecture hyper-parameters. ``learn_sigma`` doubles the output channels."""
+
+    input_size: int = 32  # latent or pixel side length
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    # Ports of the official weights differ in two constants; 0 and 1e-6 are the official values.
+    timestep_freq_shift: int = 0  # diffusers divides the frequency exponent by (half - 1): shift 1
+    mlp_norm_eps: float = 1e-6  # diffusers' norm2 uses its config's norm_eps (1e-5 by default)
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiTConfig:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+def _size(depth: int, hidden: int, heads: int):
+    return dict(depth=depth, hidden_size=hidden, num_heads=heads)
+
+
+_SIZES = {"S": _size(12, 384, 6), "B": _size(12, 768, 12), "L": _size(24, 1024, 16), "XL": _size(28, 1152, 16)}
+
+#: Named configurations: the paper's twelve (DiT-{S,B,L,XL}/{2,4,8}, 256 px -> 32x32x4 latents).
+CONFIGS: dict[str, DiTConfig] = {
+    f"DiT-{size}/{patch}": DiTConfig(patch_size=patch, **kw) for size, kw in _SIZES.items() for patch in (2, 4, 8)
+}
+#: The built-in model: 8x8 handwritten digits in pixel space, patch 1 -> 64 tokens.
+CONFIGS["ditrt-digits"] = DiTConfig(
+    input_size=8, patch_size=1, in_channels=1, hidden_size=192, depth=6, num_heads=3, num_classes=10
+)
