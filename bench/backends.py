@@ -141,9 +141,9 @@ def run_sampling(denoiser, row: Row, args, config, pixel: bool):
 # ------------------------------------------------------------------------------------ artifacts
 def prepare(args, model, work: Path, trt_ok: bool) -> tuple[list[Row], dict]:
     """Recipes, exports (+ check_onnx) and engines; the rows to measure and what it took."""
-    from ditrt.calibrate.observe import record_calibration_inputs
     from ditrt.calibrate.ptq import CalibrateConfig, calibrate
     from ditrt.contracts.recipe import CalibrationSettings
+    from ditrt.diffusion.recording import record_calibration_inputs
     from ditrt.export import check_onnx, export_onnx
     from ditrt.models.builtin import is_pixel_model
 

@@ -35,11 +35,12 @@ import numpy as np
 import torch
 
 from ditrt import __version__
-from ditrt.calibrate.observe import observe_linear_inputs, record_calibration_inputs
+from ditrt.calibrate.observe import observe_linear_inputs
 from ditrt.calibrate.ptq import CalibrateConfig, calibrate
 from ditrt.calibrate.stress import inject_salient_channels
 from ditrt.contracts.files import atomic_write
 from ditrt.contracts.recipe import CalibrationSettings
+from ditrt.diffusion.recording import record_calibration_inputs
 from ditrt.diffusion.sample_set import generate
 from ditrt.diffusion.sampler import SamplerConfig
 from ditrt.models.builtin import load_model

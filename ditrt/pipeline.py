@@ -40,9 +40,9 @@ class PipelineConfig:
 
 def run_pipeline(model_spec: str, config: PipelineConfig, out_dir: Path, *, echo: Callable[[str], None] = print) -> dict:
     """Run every stage; returns the report dict (also written as OUT/report.json and report.md)."""
-    from ditrt.calibrate.observe import record_calibration_inputs
     from ditrt.calibrate.ptq import CalibrateConfig, calibrate
     from ditrt.contracts.recipe import save_recipe
+    from ditrt.diffusion.recording import record_calibration_inputs
     from ditrt.diffusion.sample_set import SampleSet, default_labels
     from ditrt.models.builtin import is_pixel_model, load_model
     from ditrt.models.quantized import quantized_model

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditrt.calibrate import balance as B
-from ditrt.calibrate.observe import CalibBatch, capture_layer_inputs
+from ditrt.calibrate.observe import capture_layer_inputs
 from ditrt.calibrate.scale_search import activation_scale, weight_scale
 from ditrt.contracts.quantizers import fake_quant, fake_quant_weight
+from ditrt.diffusion.recording import CalibBatch
 
 #: The paper's alpha grid {0, 0.05, ..., 1}.
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))

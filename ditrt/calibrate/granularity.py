@@ -37,11 +37,12 @@ from functools import partial
 import torch
 from torch import nn
 
-from ditrt.calibrate.observe import CalibBatch, capture_layer_inputs
+from ditrt.calibrate.observe import capture_layer_inputs
 from ditrt.calibrate.scale_search import weight_scale
 from ditrt.contracts.errors import ConfigError, InputError
 from ditrt.contracts.precisions import INT4_BLOCK_SIZES
 from ditrt.contracts.quantizers import fake_quant_weight
+from ditrt.diffusion.recording import CalibBatch
 from ditrt.models.quantized import QuantLinear, set_module
 
 #: The per-channel choice (a scale per output channel); every other choice is an INT4 block size along the input dim.

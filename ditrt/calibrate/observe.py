@@ -1,9 +1,6 @@
-"""Observe: calibration inputs from the float model's own sampler, and per-layer activation
-statistics gathered with forward hooks.
-
-As PTQ4DiT does it: run the float DDPM sampler (cfg 1.5) and record the model inputs
-``(x_t, t, y)`` at uniformly spaced steps, each call holding the conditional and the null-class
-half. Only what the methods need is kept per layer: the per-channel max |X| at each recorded step
+"""Observe: per-layer activation statistics gathered with forward hooks while the calibration
+batches (recorded by :func:`ditrt.diffusion.recording.record_calibration_inputs`) run through the
+model. Only what the methods need is kept per layer: the per-channel max |X| at each recorded step
 (for balancing) and a bounded random subset of values plus the running max (for scale search),
 so memory stays small even for DiT-XL/2.
 """
@@ -15,31 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ditrt.contracts.recipe import CalibrationSettings
-from ditrt.diffusion.recording import Recorder, uniform_indices
-from ditrt.diffusion.sampler import SamplerConfig, sample
-from ditrt.diffusion.schedule import make_schedule
-
-CalibBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x (B, C, H, W), t (B,), y (B,)
-
-
-def record_calibration_inputs(
-    model: nn.Module, settings: CalibrationSettings, *, device: str = "cpu", pixel_space: bool = False, progress: bool = False
-) -> list[CalibBatch]:
-    """The model inputs at ``settings.timesteps`` uniformly spaced steps of a float sampling run."""
-    cfg = model.config
-    schedule = make_schedule(settings.steps)
-    recorder = Recorder(model, keep=uniform_indices(schedule.num_steps, settings.timesteps))
-    g = torch.Generator().manual_seed(settings.seed)
-    labels = torch.randint(0, cfg.num_classes, (settings.samples,), generator=g).tolist()
-    seeds = [settings.seed * 100_003 + i for i in range(settings.samples)]
-    sampler = SamplerConfig(steps=settings.steps, cfg_scale=settings.cfg_scale, clip_denoised=pixel_space)
-    with torch.no_grad():
-        sample(
-            recorder, sampler, labels, seeds, num_classes=cfg.num_classes,
-            image_shape=(cfg.in_channels, cfg.input_size, cfg.input_size), device=device, progress=progress,
-        )  # fmt: skip
-    return recorder.records
+from ditrt.diffusion.recording import CalibBatch
 
 
 @dataclass

@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from ditrt.calibrate import balance as B
-from ditrt.calibrate.observe import CalibBatch, LayerStats, observe_linear_inputs
+from ditrt.calibrate.observe import LayerStats, observe_linear_inputs
 from ditrt.calibrate.scale_search import activation_scale, weight_scale
 from ditrt.contracts.errors import ConfigError
 from ditrt.contracts.files import state_dict_hash
 from ditrt.contracts.precisions import INT4_BLOCK_SIZES, get_precision
 from ditrt.contracts.recipe import METHODS, CalibrationSettings, Recipe
+from ditrt.diffusion.recording import CalibBatch
 
 log = logging.getLogger(__name__)
 

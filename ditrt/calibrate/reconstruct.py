@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditrt.calibrate.observe import CalibBatch
 from ditrt.contracts.errors import ConfigError, InputError
 from ditrt.contracts.quantizers import expand_weight_scale, qrange
 from ditrt.contracts.recipe import Recipe
+from ditrt.diffusion.recording import CalibBatch
 from ditrt.models.quantized import QuantLinear, quantized_model, set_module
 
 log = logging.getLogger(__name__)

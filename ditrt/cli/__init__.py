@@ -36,4 +36,13 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-from ditrt.cli import build_cmd, calibrate_cmd, export_cmd, pipeline_cmd, sample_cmd, train_cmd  # noqa: F401  (registers the commands)
+from ditrt.cli import (  # noqa: F401, E402  (registers the commands)
+    build_cmd,
+    calibrate_cmd,
+    compare_cmd,
+    evaluate_cmd,
+    export_cmd,
+    pipeline_cmd,
+    sample_cmd,
+    train_cmd,
+)

@@ -44,10 +44,10 @@ def calibrate(model_spec, method, precision, calib_timesteps, calib_samples, ste
               scale_search, asymmetric, block_size, timestep_groups, dynamic_activations, reconstruct, reconstruct_iters,
               qdit_budget, qdit_fitness, qdit_choices, device, out_dir):  # fmt: skip
     """Calibrate a model: writes OUT/recipe.json and OUT/weights.safetensors."""
-    from ditrt.calibrate.observe import record_calibration_inputs
     from ditrt.calibrate.ptq import CalibrateConfig
     from ditrt.calibrate.ptq import calibrate as run_calibration
     from ditrt.contracts.recipe import CalibrationSettings, save_recipe
+    from ditrt.diffusion.recording import record_calibration_inputs
     from ditrt.models.builtin import is_pixel_model, load_model
 
     device = resolve_device(device)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditrt.calibrate.observe import record_calibration_inputs
 from ditrt.contracts.recipe import CalibrationSettings
+from ditrt.diffusion.recording import record_calibration_inputs
 
 Feed = dict[str, np.ndarray]
 

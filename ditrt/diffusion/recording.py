@@ -1,8 +1,19 @@
-"""Recording the denoiser inputs of a sampling run: calibration data and paired comparisons."""
+"""Recording the denoiser inputs of a sampling run: calibration data and paired comparisons.
+
+As PTQ4DiT does it: run the float DDPM sampler (cfg 1.5) and record the model inputs
+``(x_t, t, y)`` at uniformly spaced steps, each call holding the conditional and the null-class half.
+"""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from ditrt.contracts.recipe import CalibrationSettings
+from ditrt.diffusion.sampler import SamplerConfig, sample
+from ditrt.diffusion.schedule import make_schedule
+
+CalibBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x (B, C, H, W), t (B,), y (B,)
 
 
 class Recorder:
@@ -33,3 +44,22 @@ def uniform_indices(num_steps: int, count: int) -> set[int]:
     if count == 1:
         return {num_steps // 2}
     return {round(i * (num_steps - 1) / (count - 1)) for i in range(count)}
+
+
+def record_calibration_inputs(
+    model: nn.Module, settings: CalibrationSettings, *, device: str = "cpu", pixel_space: bool = False, progress: bool = False
+) -> list[CalibBatch]:
+    """The model inputs at ``settings.timesteps`` uniformly spaced steps of a float sampling run."""
+    cfg = model.config
+    schedule = make_schedule(settings.steps)
+    recorder = Recorder(model, keep=uniform_indices(schedule.num_steps, settings.timesteps))
+    g = torch.Generator().manual_seed(settings.seed)
+    labels = torch.randint(0, cfg.num_classes, (settings.samples,), generator=g).tolist()
+    seeds = [settings.seed * 100_003 + i for i in range(settings.samples)]
+    sampler = SamplerConfig(steps=settings.steps, cfg_scale=settings.cfg_scale, clip_denoised=pixel_space)
+    with torch.no_grad():
+        sample(
+            recorder, sampler, labels, seeds, num_classes=cfg.num_classes,
+            image_shape=(cfg.in_channels, cfg.input_size, cfg.input_size), device=device, progress=progress,
+        )  # fmt: skip
+    return recorder.records

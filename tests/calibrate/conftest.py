@@ -3,9 +3,9 @@ inputs from a short float sampling run (each test module gets its own, as before
 
 import pytest
 
-from ditrt.calibrate.observe import record_calibration_inputs
 from ditrt.contracts.model_config import CONFIGS
 from ditrt.contracts.recipe import CalibrationSettings
+from ditrt.diffusion.recording import record_calibration_inputs
 from tests.conftest import random_dit
 
 SETTINGS = CalibrationSettings(steps="20", timesteps=5, samples=4)

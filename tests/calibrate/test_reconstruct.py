@@ -3,12 +3,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditrt.calibrate.observe import record_calibration_inputs
 from ditrt.calibrate.ptq import CalibrateConfig, calibrate
 from ditrt.calibrate.reconstruct import AdaRoundLinear, ReconstructSettings, lsq_fake_quant, reconstruct
 from ditrt.contracts.errors import ConfigError
 from ditrt.contracts.quantizers import expand_weight_scale, fake_quant_weight
 from ditrt.contracts.recipe import CalibrationSettings
+from ditrt.diffusion.recording import record_calibration_inputs
 from ditrt.models.quantized import QuantLinear, quantized_model
 from tests.calibrate.conftest import SETTINGS
 from tests.conftest import TINY, random_dit

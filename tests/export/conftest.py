@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditrt.calibrate.observe import record_calibration_inputs
 from ditrt.contracts.model_config import CONFIGS
 from ditrt.contracts.recipe import CalibrationSettings
+from ditrt.diffusion.recording import record_calibration_inputs
 from ditrt.export import export_onnx
 from ditrt.models.builtin import load_model
 from tests.conftest import TINY, random_dit

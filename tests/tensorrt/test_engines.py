@@ -74,7 +74,7 @@ def settings():
 
 @pytest.fixture(scope="module")
 def batches(model, settings):
-    from ditrt.calibrate.observe import record_calibration_inputs
+    from ditrt.diffusion.recording import record_calibration_inputs
 
     return record_calibration_inputs(model, settings)
 
