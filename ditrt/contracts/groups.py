@@ -59,11 +59,39 @@ def write_manifest(path, edges, files, kind: str) -> Path:
     return out
 
 
+#: single-file artifacts and the kind of manifest each one stands for
+SINGLE_SUFFIXES = {".onnx": "onnx", ".plan": "tensorrt", ".engine": "tensorrt"}
+
+
+def read_artifact(path) -> tuple[str, tuple[float, ...], list[Path]]:
+    """``(kind, edges, files)`` of a graph or engine artifact: a ``.groups.json`` manifest as written,
+    a single ``.onnx`` as ``("onnx", (), [path])``, a ``.plan``/``.engine`` as ``("tensorrt", (), [path])``.
+
+    A single file is a one-group manifest, so every reader has one path for both."""
+    path = Path(path)
+    if is_group_manifest(path):
+        return _read(path)
+    kind = SINGLE_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ConfigError(f"{path} is not an ONNX graph (.onnx), an engine (.plan, .engine) or a {SUFFIX} manifest; pass one of those")
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist; create it with {'`ditrt export`' if kind == 'onnx' else '`ditrt build`'}")
+    return kind, (), [path]
+
+
 def read_manifest(path, kind: str | None = None) -> tuple[tuple[float, ...], list[Path]]:
     """The edges and the file paths (resolved beside the manifest) of a groups manifest.
 
     With ``kind``, a manifest of the other kind is refused with what to pass instead."""
-    path = Path(path)
+    found, edges, files = _read(Path(path))
+    if kind is not None and found != kind:
+        what = KINDS.get(found, (found,))[0]
+        want, make = KINDS[kind]
+        raise ConfigError(f"{path} lists {what}, not {want}; pass it where {what} go, or make {want} with {make}")
+    return edges, files
+
+
+def _read(path: Path) -> tuple[str, tuple[float, ...], list[Path]]:
     try:
         d = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -71,12 +99,10 @@ def read_manifest(path, kind: str | None = None) -> tuple[tuple[float, ...], lis
     if not isinstance(d, dict) or d.get("format") != GROUPS_FORMAT or len(d.get("graphs", ())) != len(d.get("edges", ())) + 1:
         raise ArtifactError(f"{path} is not a ditrt timestep-group manifest; re-run `ditrt export` with the recipe")
     found = d.get("kind", "onnx")  # manifests from before engines had groups list graphs
-    if kind is not None and found != kind:
-        what = KINDS.get(found, (found,))[0]
-        want, make = KINDS[kind]
-        raise ConfigError(f"{path} lists {what}, not {want}; pass it where {what} go, or make {want} with {make}")
+    if found not in KINDS:
+        raise ArtifactError(f"{path} lists files of the unknown kind {found!r} (known: {', '.join(KINDS)}); re-run `ditrt export`")
     files = [path.parent / g for g in d["graphs"]]
     missing = [f for f in files if not f.exists()]
     if missing:
-        raise ArtifactError(f"{missing[0]} listed in {path} is missing; re-run {KINDS.get(found, ('', 'ditrt'))[1]}")
-    return tuple(float(e) for e in d["edges"]), files
+        raise ArtifactError(f"{missing[0]} listed in {path} is missing; re-run {KINDS[found][1]}")
+    return found, tuple(float(e) for e in d["edges"]), files

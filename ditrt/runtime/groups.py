@@ -3,7 +3,9 @@
 A recipe calibrated with K timestep groups exports K graphs that share the weights and differ in
 their activation scales, plus a manifest (``<stem>.groups.json``: the descending timestep edges and
 the graph files). :class:`TimestepGroupDenoiser` wraps one denoiser per group and sends each call
-to the group of its timestep, so the sampler loop does not know groups exist.
+to the group of its timestep, so the sampler loop does not know groups exist. A single graph or
+engine is a one-group manifest (:func:`ditrt.contracts.groups.read_artifact`), so every graph and
+engine is sampled through this class.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ditrt.contracts.errors import ArtifactError
-from ditrt.contracts.groups import read_manifest
+from ditrt.contracts.groups import read_artifact, read_manifest
 from ditrt.contracts.recipe import batch_timestep_group
 
 
@@ -32,5 +34,20 @@ class TimestepGroupDenoiser:
         edges, graphs = read_manifest(path, kind)
         return cls([make(g) for g in graphs], edges)
 
+    @classmethod
+    def from_artifact(cls, path, make: Callable[[Path], object]) -> TimestepGroupDenoiser:
+        """One denoiser per file of a manifest, or a single group for a single graph or engine."""
+        _, edges, files = read_artifact(path)
+        return cls([make(f) for f in files], edges)
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if len(self.denoisers) == 1:  # a single graph: no per-call group lookup (it would read t back from the GPU)
+            return self.denoisers[0](x, t, y)
         return self.denoisers[batch_timestep_group(t, self.edges)](x, t, y)
+
+    def close(self) -> None:
+        """Close every group's denoiser that holds resources (TensorRT engines)."""
+        for d in self.denoisers:
+            close = getattr(d, "close", None)
+            if close is not None:
+                close()

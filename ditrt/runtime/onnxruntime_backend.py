@@ -121,3 +121,39 @@ class OnnxRuntimeDenoiser:
         out = self.session.run(list(OUTPUT_NAMES), feeds)[0]
         device = x.device if isinstance(x, torch.Tensor) else "cpu"
         return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(device)
+
+
+def graph_config(metadata: dict, path):
+    """The DiTConfig an exported graph records in its ``ditrt.model_config`` metadata."""
+    import json
+
+    from ditrt.contracts.model_config import DiTConfig
+
+    text = metadata.get("ditrt.model_config")
+    if text is None:
+        raise ArtifactError(f"{path} does not record its model config (ditrt.model_config metadata); re-export it with `ditrt export`")
+    try:
+        return DiTConfig.from_dict(json.loads(text))
+    except (ValueError, TypeError) as e:
+        raise ArtifactError(f"{path} has an unreadable ditrt.model_config ({e}); re-export it with `ditrt export`") from None
+
+
+def open_onnxruntime(artifact, *, device: str = "cpu"):
+    """:class:`~ditrt.runtime.open.OpenDenoiser` for a graph or graph manifest (one session per graph;
+    the CUDA provider on a cuda device). Every graph of a manifest must record the same model."""
+    from ditrt.contracts.groups import read_artifact
+    from ditrt.runtime.groups import TimestepGroupDenoiser
+    from ditrt.runtime.open import OpenDenoiser
+
+    kind, edges, files = read_artifact(artifact)
+    if kind != "onnx":
+        raise ArtifactError(f"{artifact} lists TensorRT engines, not ONNX graphs; sample it with the TensorRT backend")
+    providers = ["CUDAExecutionProvider"] if str(device).startswith("cuda") else None
+    sessions = [OnnxRuntimeDenoiser(f, providers=providers) for f in files]
+    configs = [graph_config(s.metadata, s.path) for s in sessions]
+    if any(c != configs[0] for c in configs):
+        raise ArtifactError(f"the graphs of {artifact} record different model configs; re-export them together with `ditrt export`")
+    batch = sessions[0].input_shapes["x"][0]
+    meta = sessions[0].metadata
+    return OpenDenoiser(TimestepGroupDenoiser(sessions, edges), configs[0], "onnxruntime", str(artifact), meta.get("ditrt.precision"),
+                        max_rows=batch if isinstance(batch, int) else None, metadata=meta)  # fmt: skip

@@ -236,3 +236,53 @@ class TensorRTDenoiser:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def engine_config(sidecar, engine_path):
+    """The DiTConfig of the graph an engine was built from (its sidecar keeps the graph's metadata)."""
+    import json
+
+    from ditrt.contracts.model_config import DiTConfig
+
+    text = sidecar.onnx_metadata.get("ditrt.model_config")
+    if text is None:
+        raise ArtifactError(
+            f"engine {engine_path} does not record its model config; rebuild it with `ditrt build` from a graph made by `ditrt export`"
+        )
+    try:
+        return DiTConfig.from_dict(json.loads(text))
+    except (ValueError, TypeError) as e:
+        raise ArtifactError(f"engine {engine_path} has an unreadable model config ({e}); rebuild it with `ditrt build`") from None
+
+
+def open_tensorrt(artifact, *, device: str = "cuda", onnx=None):
+    """:class:`~ditrt.runtime.open.OpenDenoiser` for an engine or engine manifest; with ``onnx`` (a
+    graph or graph manifest) each engine is checked against the graph it was built from."""
+    from ditrt.contracts.groups import read_artifact
+    from ditrt.runtime.groups import TimestepGroupDenoiser
+    from ditrt.runtime.open import OpenDenoiser
+
+    kind, edges, engines = read_artifact(artifact)
+    if kind != "tensorrt":
+        raise ArtifactError(f"{artifact} lists ONNX graphs, not TensorRT engines; build engines with `ditrt build --onnx {artifact}`")
+    graphs = [None] * len(engines)
+    if onnx is not None:
+        onnx_kind, _, graphs = read_artifact(onnx)
+        if onnx_kind != "onnx":
+            raise ConfigError(f"--onnx {onnx} lists TensorRT engines; pass the graph (or graph manifest) the engine was built from")
+        if len(graphs) != len(engines):
+            raise ConfigError(f"{onnx} and {artifact} list different numbers of timestep groups; rebuild with `ditrt build`")
+    runners = []
+    try:
+        for e, g in zip(engines, graphs):
+            runners.append(TensorRTDenoiser(e, device=device, onnx_path=g))
+        configs = [engine_config(r.sidecar, r.engine_path) for r in runners]
+        if any(c != configs[0] for c in configs):
+            raise ArtifactError(f"the engines of {artifact} record different model configs; rebuild them with `ditrt build`")
+    except BaseException:
+        for r in runners:
+            r.close()
+        raise
+    first = runners[0]
+    return OpenDenoiser(TimestepGroupDenoiser(runners, edges), configs[0], "tensorrt", str(artifact), first.precision,
+                        max_rows=min(r.max_batch for r in runners), metadata=dict(first.sidecar.onnx_metadata))  # fmt: skip

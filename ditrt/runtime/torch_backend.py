@@ -1,8 +1,12 @@
-"""The PyTorch denoiser: a DiT (float or simulated-quantized) on CPU or CUDA."""
+"""The PyTorch denoiser: a DiT (float or simulated-quantized) on CPU or CUDA, and its opener."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from ditrt.contracts.errors import ArtifactError, ConfigError
 
 
 class TorchDenoiser:
@@ -15,3 +19,46 @@ class TorchDenoiser:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.model(x.to(self.device, self.dtype), t.to(self.device), y.to(self.device)).float()
+
+
+def open_torch(artifact, *, device: str = "cpu", model=None, config_name: str | None = None):
+    """:class:`~ditrt.runtime.open.OpenDenoiser` for a checkpoint (the float model) or a recipe folder
+    (the simulated quantized model, built from the recipe alone or checked against ``model``)."""
+    from ditrt.runtime.open import OpenDenoiser, is_recipe_folder
+
+    if is_recipe_folder(artifact):
+        if config_name is not None:
+            raise ConfigError("--config applies to a checkpoint; a recipe records its model config: drop --config")
+        net, precision = _recipe_model(Path(artifact), model)
+    else:
+        if model is not None:
+            raise ConfigError(f"{artifact} is a checkpoint: sample it directly, or pass it as --model only beside a --recipe")
+        net, precision = _checkpoint_model(artifact, config_name), "fp32"
+    return OpenDenoiser(TorchDenoiser(net, device=device), net.config, "torch", str(artifact), precision, model=net)
+
+
+def _checkpoint_model(spec, config_name: str | None):
+    from ditrt.models.builtin import load_model
+    from ditrt.models.checkpoints import load_dit
+
+    return load_model(spec) if config_name is None else load_dit(spec, config=config_name)
+
+
+def _recipe_model(recipe_dir: Path, model):
+    """The simulated model of ``recipe_dir`` and its precision; ``model`` (a spec or a DiT) is checked, not needed."""
+    from ditrt.contracts.files import state_dict_hash
+    from ditrt.contracts.model_config import DiTConfig
+    from ditrt.contracts.recipe import check_recipe_matches, folded_state, load_recipe
+    from ditrt.models.dit import DiT
+    from ditrt.models.quantized import quantized_model
+
+    recipe, tensors = load_recipe(recipe_dir)
+    if model is not None:
+        source = "the given model" if isinstance(model, torch.nn.Module) else str(model)
+        base = model if isinstance(model, torch.nn.Module) else _checkpoint_model(model, None)
+        check_recipe_matches(recipe, state_dict_hash(base), source)
+    elif not folded_state(tensors):
+        raise ArtifactError(f"{recipe_dir} holds no model weights (made by an older ditrt); pass --model with the checkpoint it was made from")
+    else:
+        base = DiT(DiTConfig.from_dict(recipe.model_config))  # every weight is replaced by the recipe's folded state
+    return quantized_model(base, recipe, tensors), recipe.precision

@@ -1,0 +1,136 @@
+"""One way to open any artifact: the backend registry and :func:`open_denoiser`.
+
+Every caller that runs a model (``ditrt sample``, ``ditrt compare``, the pipeline, the benchmarks)
+hands an artifact to :func:`open_denoiser` and gets an :class:`OpenDenoiser`: the ``(x, t, y)``
+callable, the model config read from the artifact itself, and what the backend allows. The
+artifact decides the backend (:func:`artifact_backend`):
+
+- a checkpoint (``"builtin"``, official ``.pt``/``.pth``, ``.safetensors``, diffusers folder) or a
+  recipe folder (``recipe.json``): PyTorch (:mod:`ditrt.runtime.torch_backend`);
+- an ``.onnx`` graph or a graph manifest ``.groups.json``: ONNX Runtime (:mod:`ditrt.runtime.onnxruntime_backend`);
+- a ``.plan``/``.engine`` or an engine manifest: TensorRT (:mod:`ditrt.runtime.tensorrt_backend`).
+
+A new backend is one module with a factory ``open_<name>(artifact, *, device, **options) -> OpenDenoiser``
+and one :data:`BACKENDS` entry. Backend modules are imported only when an artifact of theirs is opened,
+so importing this module loads no backend, no model code and no TensorRT.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ditrt.contracts.errors import ConfigError
+from ditrt.contracts.groups import is_group_manifest, read_artifact
+
+#: the option names of :func:`open_denoiser` as the CLI spells them, for error messages
+_FLAGS = {"model": "--model", "onnx": "--onnx", "config_name": "--config"}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registry entry: ``module.factory(artifact, *, device, **options)`` opens an artifact.
+
+    ``options``: the keywords of :func:`open_denoiser` the backend uses; any other one given is refused."""
+
+    name: str
+    module: str
+    factory: str
+    summary: str
+    options: frozenset = frozenset()
+
+    def load(self) -> Callable[..., OpenDenoiser]:
+        return getattr(importlib.import_module(self.module), self.factory)
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("torch", "ditrt.runtime.torch_backend", "open_torch",
+                "PyTorch: a checkpoint (float) or a recipe folder (the simulated quantized model)", frozenset({"model", "config_name"})),
+        Backend("onnxruntime", "ditrt.runtime.onnxruntime_backend", "open_onnxruntime",
+                "ONNX Runtime: an exported .onnx graph or its .groups.json manifest (CUDA provider on a cuda device)"),
+        Backend("tensorrt", "ditrt.runtime.tensorrt_backend", "open_tensorrt",
+                "TensorRT: a .plan/.engine or an engine .groups.json manifest (needs TensorRT and a GPU)", frozenset({"onnx"})),
+    )
+}  # fmt: skip
+
+
+@dataclass
+class OpenDenoiser:
+    """What every caller gets from :func:`open_denoiser`.
+
+    ``denoiser(x (B, C, H, W), t (B,), y (B,)) -> (B, out_channels, H, W)`` float32 on ``x``'s device
+    (a TensorRT output is a reused buffer: use it before the next call). ``config``: the DiTConfig the
+    artifact records. ``max_rows``: the largest batch one call takes (an engine's profile max), None =
+    any. ``model``: the torch module behind a torch backend (None for graphs and engines)."""
+
+    denoiser: Callable
+    config: object  # ditrt.contracts.model_config.DiTConfig
+    backend: str
+    source: str
+    precision: str | None = None
+    max_rows: int | None = None
+    model: object | None = None
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def max_images(self) -> int | None:
+        """Images per sampler call with classifier-free guidance (which doubles each batch); None = any."""
+        return self.images_per_call(guided=True)
+
+    def images_per_call(self, *, guided: bool) -> int | None:
+        if self.max_rows is None:
+            return None
+        return self.max_rows // 2 if guided else self.max_rows
+
+    def close(self) -> None:
+        close = getattr(self.denoiser, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> OpenDenoiser:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def is_recipe_folder(artifact) -> bool:
+    return Path(artifact).is_dir() and (Path(artifact) / "recipe.json").is_file()
+
+
+def artifact_backend(artifact) -> str:
+    """The backend name for ``artifact``: "torch" for a checkpoint or recipe folder, "onnxruntime" for
+    a graph or graph manifest, "tensorrt" for an engine or engine manifest (read from its ``kind``)."""
+    path = Path(str(artifact))
+    if is_group_manifest(path):
+        return {"onnx": "onnxruntime", "tensorrt": "tensorrt"}[read_artifact(path)[0]]
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return "onnxruntime"
+    if suffix in (".plan", ".engine"):
+        return "tensorrt"
+    return "torch"
+
+
+def open_denoiser(artifact, *, model=None, onnx=None, device: str | None = None, config_name: str | None = None) -> OpenDenoiser:
+    """Open ``artifact`` with the backend it calls for (see the module doc).
+
+    ``model``: the float checkpoint (path, "builtin" or a loaded DiT) a recipe folder is checked
+    against (optional: a recipe holds its folded float weights). ``onnx``: the graph (or graph
+    manifest) an engine was built from, to refuse a stale engine. ``device``: None is the backend's
+    default (the CPU; CUDA for TensorRT). ``config_name``: a named DiTConfig
+    for a checkpoint that does not record one. An option the artifact's backend would ignore is a
+    :class:`ConfigError`."""
+    backend = BACKENDS[artifact_backend(artifact)]
+    given = {"model": model, "onnx": onnx, "config_name": config_name}
+    for name, value in given.items():
+        if value is not None and name not in backend.options:
+            raise ConfigError(f"{_FLAGS[name]} does not apply to {artifact} ({backend.summary.split(':')[0]}); drop it")
+    options = {k: v for k, v in given.items() if k in backend.options}
+    if device is not None:
+        options["device"] = str(device)
+    return backend.load()(artifact, **options)
