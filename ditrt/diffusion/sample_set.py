@@ -72,8 +72,15 @@ def generate(
     device: str = "cpu",
     batch_size: int = 256,
     progress: bool = False,
+    noise: torch.Tensor | None = None,
+    step_noise=None,
 ) -> np.ndarray:
-    """Samples for each (label, seed), in batches; batching does not change any sample."""
+    """Samples for each (label, seed), in batches; batching does not change any sample.
+
+    ``noise`` (N, C, H, W) and ``step_noise`` ((S, N, C, H, W) or ``k -> (N, C, H, W)``) replace the
+    seeded noise as in :func:`ditrt.diffusion.sampler.sample`; each batch gets its rows."""
+    if batch_size <= 0:
+        raise InputError(f"--batch-size must be a positive number of images, got {batch_size}")
     out = []
     chunks = range(0, len(labels), batch_size)
     bar = None
@@ -83,11 +90,22 @@ def generate(
         steps = len(chunks) * make_schedule(config.steps).num_steps
         bar = tqdm(total=steps, desc=f"sampling {len(labels)} images", unit="step")
     for s in chunks:
+        rows = slice(s, s + batch_size)
         x = sample(
-            denoiser, config, labels[s : s + batch_size], seeds[s : s + batch_size], num_classes=num_classes,
+            denoiser, config, labels[rows], seeds[rows], num_classes=num_classes,
             image_shape=image_shape, device=device, on_step=(lambda i, n: bar.update(1)) if bar else None,
+            noise=None if noise is None else noise[rows], step_noise=_rows(step_noise, rows),
         )  # fmt: skip
         out.append(x.float().cpu())
     if bar:
         bar.close()
     return torch.cat(out).numpy()
+
+
+def _rows(step_noise, rows: slice):
+    """The batch ``rows`` of per-step noise (a (S, N, ...) tensor or a callable ``k -> (N, ...)``)."""
+    if step_noise is None:
+        return None
+    if callable(step_noise):
+        return lambda k: step_noise(k)[rows]
+    return step_noise[:, rows]

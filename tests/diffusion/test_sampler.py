@@ -88,3 +88,79 @@ def test_ddim_is_deterministic_given_x_T():
     a = _run(m, SamplerConfig(steps="ddim10", cfg_scale=1.0))
     b = _run(m, SamplerConfig(steps="ddim10", cfg_scale=1.0))
     assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def _seeded_noise(seeds, steps: int):
+    """x_T and the per-step noise the seeded generators draw, in the sampler's order."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    x_T = torch.stack([torch.randn(SHAPE, generator=g) for g in gens])
+    per_step = torch.stack([torch.stack([torch.randn(SHAPE, generator=g) for g in gens]) for _ in range(steps - 1)])
+    return x_T, per_step
+
+
+@pytest.mark.parametrize("steps", ["12", "ddim12"])
+def test_given_noise_equal_to_the_seeded_noise_reproduces_the_seeded_run_bit_for_bit(tiny_dit, steps):
+    cfg = SamplerConfig(steps=steps, cfg_scale=1.5)
+    seeded = _run(tiny_dit, cfg)
+    x_T, per_step = _seeded_noise((5, 6, 7), 12)
+    kw = {"num_classes": 10, "image_shape": SHAPE}
+    only_x_T = sample(tiny_dit, cfg, [1, 2, 3], [5, 6, 7], noise=x_T, **kw)
+    as_tensor = sample(tiny_dit, cfg, [1, 2, 3], [0, 0, 0], noise=x_T, step_noise=per_step, **kw)
+    official_layout = torch.cat([per_step, torch.zeros(1, 3, *SHAPE)])  # S = steps: the last one is drawn and unused
+    as_callable = sample(tiny_dit, cfg, [1, 2, 3], [0, 0, 0], noise=x_T, step_noise=lambda k: official_layout[k], **kw)
+    for other in (only_x_T, as_tensor, as_callable):
+        assert torch.equal(other, seeded)
+    other_noise = sample(tiny_dit, cfg, [1, 2, 3], [5, 6, 7], noise=x_T + 0.1, **kw)
+    assert not torch.equal(other_noise, seeded)
+
+
+def test_batched_generation_splits_given_noise_by_rows(tiny_dit):
+    from ditrt.diffusion.sample_set import generate
+
+    cfg = SamplerConfig(steps="6")
+    x_T, per_step = _seeded_noise((5, 6, 7), 6)
+    kw = {"num_classes": 10, "image_shape": SHAPE}
+    whole = generate(tiny_dit, cfg, [1, 2, 3], [0, 0, 0], noise=x_T, step_noise=per_step, batch_size=3, **kw)
+    split = generate(tiny_dit, cfg, [1, 2, 3], [0, 0, 0], noise=x_T, step_noise=per_step, batch_size=2, **kw)
+    seeded = generate(tiny_dit, cfg, [1, 2, 3], [5, 6, 7], batch_size=3, **kw)
+    assert (whole == seeded).all()
+    assert abs(whole - split).max() <= 1e-5 * abs(whole).max()  # other batch shapes round differently, as for seeded runs
+    with pytest.raises(InputError, match="batch-size must be a positive"):
+        generate(tiny_dit, cfg, [1], [0], batch_size=0, **kw)
+
+
+def test_given_noise_of_the_wrong_shape_is_refused(tiny_dit):
+    kw = {"num_classes": 10, "image_shape": SHAPE}
+    with pytest.raises(InputError, match=r"noise must have shape \(3, 4, 8, 8\)"):
+        sample(tiny_dit, SamplerConfig(steps="5"), [1, 2, 3], [5, 6, 7], noise=torch.zeros(2, *SHAPE), **kw)
+    with pytest.raises(InputError, match="step_noise must have shape"):
+        sample(tiny_dit, SamplerConfig(steps="5"), [1, 2, 3], [5, 6, 7], step_noise=torch.zeros(2, 3, *SHAPE), **kw)
+
+
+class _NanAtCall:
+    """A finite denoiser that returns NaN from its ``bad``-th call on (1-based)."""
+
+    def __init__(self, model, bad: int, value=float("nan")):
+        self.model, self.bad, self.value, self.calls = model, bad, value, 0
+
+    def __call__(self, x, t, y):
+        self.calls += 1
+        out = self.model(x, t, y)
+        if self.calls >= self.bad:
+            out = out.clone()
+            out[0, 0, 0, 0] = self.value
+        return out
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_denoiser_returning_nan_stops_the_run_at_that_step(tiny_dit, value):
+    from ditrt.diffusion.sampler import NonFiniteOutputError
+    from ditrt.diffusion.schedule import make_schedule
+
+    bad = _NanAtCall(tiny_dit, 3, value)
+    with pytest.raises(NonFiniteOutputError, match=r"NaN/inf at step 3 of 10 \(t=(\d+)\): check the model's weights") as e:
+        _run(bad, SamplerConfig(steps="10", cfg_scale=1.5))
+    assert bad.calls == 3  # stopped there: no later step ran
+    assert isinstance(e.value, InputError)
+    t3 = int(make_schedule("10").timestep_map[10 - 3])
+    assert f"(t={t3})" in str(e.value)
