@@ -139,7 +139,7 @@ def config_from_diffusers(cfg: dict) -> DiTConfig:
 
 def load_diffusers_dit(folder: Path) -> DiT:
     """A diffusers ``DiTTransformer2DModel`` folder (or a pipeline folder with ``transformer/``)."""
-    from ditrt.models.checkpoints import _read_tensors, load_state_dict_into
+    from ditrt.models.checkpoints import _read_tensors, model_from_state_dict, refuse_non_finite
 
     folder = Path(folder)
     if (folder / "transformer" / "config.json").exists():
@@ -155,5 +155,6 @@ def load_diffusers_dit(folder: Path) -> DiT:
     if not weights:
         raise CheckpointError(f"{folder} has no diffusion_pytorch_model.safetensors (or .bin); sharded weights are not supported")
     sd, _ = _read_tensors(weights[0])
+    refuse_non_finite(sd, weights[0])
     sd, config = diffusers_to_official(sd, config)
-    return load_state_dict_into(DiT(config), sd, str(folder))
+    return model_from_state_dict(config, sd, folder)
