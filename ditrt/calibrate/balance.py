@@ -217,3 +217,19 @@ def fold_into_v(block: nn.Module, d: torch.Tensor) -> nn.Module:
         qkv.bias[2 * c : 3 * c] /= d
     scale_input_columns(proj, d)
     return block
+
+
+#: balanced Linear of a DiT block -> where its divisor is folded (PTQ4DiT sec. 4.3): the adaLN rows of the
+#: "msa" or "mlp" branch, or the V rows of qkv ("v")
+BALANCED = {"attn.qkv": "msa", "mlp.fc1": "mlp", "attn.proj": "v"}
+
+
+def apply_balance(model: nn.Module, factors: dict[str, torch.Tensor]) -> None:
+    """Apply: fold every divisor ``{"blocks.<i>.<layer>": d (C,)}`` into the weights (exact in float)."""
+    for name, d in factors.items():
+        i, layer = int(name.split(".")[1]), name.split(".", 2)[2]
+        block = model.blocks[i]
+        if BALANCED[layer] == "v":
+            fold_into_v(block, d)
+        else:
+            fold_into_adaln(block, BALANCED[layer], d)

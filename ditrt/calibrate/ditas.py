@@ -8,7 +8,7 @@ salience ``a_j`` is the largest |x_j| over *all* timesteps, tokens and samples o
 minimise the quantized layer's output error on recorded inputs.
 
 Same convention as :mod:`ditrt.calibrate.balance`: the input is divided by ``d`` and the weight
-columns multiplied by it; ``ptq.apply_balance`` folds ``d`` into adaLN or the V rows. Unlike the
+columns multiplied by it; ``balance.apply_balance`` folds ``d`` into adaLN or the V rows. Unlike the
 released code (which quantizes W before smoothing and so leaves the stored weight off the grid),
 the weight is quantized *after* smoothing, as the exported model will be.
 """
@@ -59,13 +59,14 @@ def _mse(out: torch.Tensor, ref: torch.Tensor) -> float:
 class LayerQuant:
     """How a smoothed layer is quantized: symmetric ``w_bits`` weights (per output channel, or block-wise
     with ``block_size``) and, unless ``a_bits`` is None, a per-tensor symmetric activation quantizer;
-    scales found with ``search``."""
+    weight scales found with ``search``, activation scales with ``act_search`` (None: ``search`` too)."""
 
     w_bits: int
     a_bits: int | None
     granularity: str = "channel"
     block_size: int | None = None
     search: str = "minmax"
+    act_search: str | None = None
 
     def output(
         self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, d: torch.Tensor, act_absmax: torch.Tensor | None
@@ -76,7 +77,7 @@ class LayerQuant:
         wq = fake_quant_weight(ws, w_scale, None, self.w_bits)
         if self.a_bits is not None:
             absmax = xs.abs().max() if act_absmax is None else act_absmax
-            a_scale, _ = activation_scale(xs, self.a_bits, search=self.search, absmax=absmax)
+            a_scale, _ = activation_scale(xs, self.a_bits, search=self.act_search or self.search, absmax=absmax)
             xs = fake_quant(xs, a_scale, None, self.a_bits)
         return F.linear(xs, wq, b)
 
@@ -139,11 +140,14 @@ def ditas_factors(
     tokens_per_batch: int = 64,
     seed: int = 0,
     device: str = "cpu",
+    reports: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
     """DiTAS divisors of the balanced ``layers``: ``({layer: d (C,) on the CPU}, {layer: alpha or None})``.
 
     Inputs are captured once, on the unmodified model, and every layer is searched independently, so
-    the factors can all be folded together afterwards (``ptq.apply_balance``). The search runs on ``device``.
+    the factors can all be folded together afterwards (``balance.apply_balance``). The search runs on ``device``.
+    ``reports``: if given, filled with a :class:`ditrt.calibrate.balance.BalanceReport` per layer (the
+    channels whose temporal-aggregated or weight salience was degenerate keep d = 1).
     """
     captured = capture_layer_inputs(model, layers, batches, tokens_per_batch=tokens_per_batch, seed=seed, device=device)
     factors, alphas = {}, {}
@@ -155,4 +159,6 @@ def ditas_factors(
             seen.rows.to(device), seen.channel_max.to(device), linear.weight.detach(), bias, quant, grid=grid
         )
         factors[name] = d.cpu()
+        if reports is not None:
+            reports[name] = B.BalanceReport.of(name, factors[name], seen.channel_max, B.weight_salience(linear.weight.detach().float().cpu()))
     return factors, alphas

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ditrt.calibrate.config import SEARCHES
 from ditrt.contracts.errors import ConfigError, InputError
 from ditrt.contracts.quantizers import fake_quant, qrange
 
@@ -14,7 +15,6 @@ from ditrt.contracts.quantizers import fake_quant, qrange
 # Scale search. Every quantizer is calibrated over *groups*: a tensor (*S, n) whose last axis holds
 # the n values that share one scale, S being the scale's shape ((out,), (out, in // block) or ()).
 
-SEARCHES = ("minmax", "percentile", "mse")
 #: PTQ4DiT's initialisation tries these clip quantiles (and the max) and keeps the lowest L2 error.
 PERCENTILES = (0.999, 0.9999, 0.99999)
 #: "mse" tries max * r for r from 1.0 down to 0.3 (36 ratios, 0.02 apart).

@@ -1,0 +1,81 @@
+"""How to calibrate: :class:`CalibrateConfig`, and the scale searches it names (:data:`SEARCHES`).
+
+Free of torch at import, like :mod:`ditrt.calibrate.methods`, so the command line builds its options
+from these dataclasses without loading the calibration code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ditrt.calibrate.methods import REGISTRY, get_method
+from ditrt.contracts.errors import ConfigError
+from ditrt.contracts.precisions import INT4_BLOCK_SIZES, get_precision
+from ditrt.contracts.recipe import CalibrationSettings
+
+#: Scale searches (:mod:`ditrt.calibrate.scale_search`): min-max, PTQ4DiT's percentile clips, an MSE clip search.
+SEARCHES = ("minmax", "percentile", "mse")
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """How to calibrate. ``method_settings``: the method's settings dataclass (e.g.
+    :class:`ditrt.calibrate.methods.SmoothQuantSettings`), None for its defaults. ``weight_search`` and
+    ``act_search``: the scale search of weights and of activations (:data:`SEARCHES`), None for the
+    method's default (min-max for ``minmax``, the MSE clip search otherwise)."""
+
+    method: str = "ptq4dit"
+    precision: str = "w8a8"
+    method_settings: object | None = None
+    weight_search: str | None = None
+    act_search: str | None = None
+    quantize_all: bool = False  # also embedders, adaLN and the final layer (the paper's setting)
+    symmetric: bool = True  # False: asymmetric, simulation only
+    block_size: int = 64  # INT4 block along the input dimension (w4a16); qdit searches it per layer
+    timestep_groups: int = 1  # K activation-scale groups over the sampling trajectory (one graph each)
+    dynamic_activations: bool = False  # per-sample activation scales at run time (simulation only)
+    reconstruct: bool = False  # BRECQ/AdaRound block reconstruction after the scales
+    reconstruct_iters: int | None = None  # per block; None: ReconstructSettings' default
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+
+    def __post_init__(self):
+        strategy = get_method(self.method)
+        p = get_precision(self.precision)
+        if self.method_settings is not None and not isinstance(self.method_settings, strategy.settings):
+            raise ConfigError(
+                f"method {self.method} takes {strategy.settings.__name__}, got {type(self.method_settings).__name__}; "
+                f"pass {strategy.settings.__name__}(...) or None for its defaults"
+            )
+        if self.block_size not in INT4_BLOCK_SIZES:
+            raise ConfigError(f"INT4 block size must be 64 or 128 (TensorRT's INT4 formats), got {self.block_size}")
+        for what, search in (("weight", self.weight_search), ("activation", self.act_search)):
+            if search is not None and search not in SEARCHES:
+                raise ConfigError(f"{what} scale search must be one of {', '.join(SEARCHES)}, got {search!r}")
+        c = self.calibration
+        if c.timesteps < 1 or c.samples < 1:
+            raise ConfigError(f"calibration needs at least 1 recorded timestep and 1 sample, got {c.timesteps} and {c.samples}")
+        if self.timestep_groups < 1 or self.timestep_groups > c.timesteps:
+            raise ConfigError(f"timestep groups must be between 1 and the {c.timesteps} recorded timesteps, got {self.timestep_groups}")
+        if not p.quantizes_activations and (self.timestep_groups > 1 or self.dynamic_activations):
+            what = "timestep groups" if self.timestep_groups > 1 else "dynamic activations"
+            raise ConfigError(f"{what} set activation scales, but {p.name} does not quantize activations; drop the option or use a precision that does")
+        if self.reconstruct_iters is not None and (not self.reconstruct or self.reconstruct_iters < 1):
+            raise ConfigError(f"reconstruct iterations ({self.reconstruct_iters}) need reconstruction on and a positive count")
+
+    @property
+    def strategy(self):
+        """The registered :class:`ditrt.calibrate.methods.Method` of ``method``."""
+        return REGISTRY[self.method]
+
+    @property
+    def settings(self):
+        """The method's settings: ``method_settings`` or the method's defaults."""
+        return self.method_settings if self.method_settings is not None else self.strategy.settings()
+
+    @property
+    def weight_scale_search(self) -> str:
+        return self.weight_search or self.strategy.default_search
+
+    @property
+    def act_scale_search(self) -> str:
+        return self.act_search or self.strategy.default_search

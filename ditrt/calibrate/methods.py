@@ -1,0 +1,300 @@
+"""Calibration methods as registered strategies: each owns its settings and the steps the procedure
+(:func:`ditrt.calibrate.ptq.calibrate`) asks of it.
+
+A method is a :class:`Method` with
+- ``settings``: its frozen settings dataclass (its defaults are the method's defaults);
+- ``default_search``: the scale search weights and activations use unless the config says otherwise;
+- :meth:`Method.balance`: compute balancing factors from observed statistics and fold them into the
+  working model (returns a :class:`Balanced`, or None when the method does not balance here);
+- :meth:`Method.block_sizes`: a per-layer INT4 block choice (None: the configured block everywhere);
+- :meth:`Method.notes`: what the recipe should say about this method at this precision.
+
+Adding a method = one :class:`Method` subclass and one :func:`register` call below, plus its name in
+:data:`ditrt.contracts.recipe.METHODS`. The procedure holds no ``if method == ...``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ditrt.contracts.errors import ConfigError
+from ditrt.contracts.precisions import INT4_BLOCK_SIZES, Precision
+from ditrt.contracts.recipe import METHODS
+
+if TYPE_CHECKING:  # torch and the method code load when a method runs: the CLI reads this registry for its options
+    import torch
+    from torch import nn
+
+    from ditrt.calibrate import balance as B
+    from ditrt.diffusion.recording import CalibBatch
+
+# ----------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class MinMaxSettings:
+    """Min-max: no balancing, no search; nothing to set."""
+
+
+@dataclass(frozen=True)
+class SmoothQuantSettings:
+    """SmoothQuant: ``alpha`` is the migration strength (0: none into the weights, 1: all; 0.5 is CSB's balance)."""
+
+    alpha: float = 0.5
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"smoothquant alpha must lie in [0, 1], got {self.alpha}; 0.5 is PTQ4DiT's balance")
+
+
+@dataclass(frozen=True)
+class PTQ4DiTSettings:
+    """PTQ4DiT: CSB factors on the SSC salience; the paper's formulas have no free setting."""
+
+
+@dataclass(frozen=True)
+class DiTASSettings:
+    """DiTAS: temporal-aggregated smoothing with a per-layer alpha search over the paper's grid."""
+
+
+#: Q-DiT's fitness functions (see :class:`ditrt.calibrate.granularity.SearchSettings`)
+QDIT_FITNESSES = ("psnr", "fd", "proxy")
+#: Q-DiT's INT4 choice meaning "one scale per output channel" (simulation only: no TensorRT format)
+QDIT_CHANNEL = 0
+
+
+@dataclass(frozen=True)
+class QDiTSettings:
+    """Q-DiT's per-layer INT4 block search.
+
+    ``budget``: minimum mean INT4 group size, weighted by weights (None: no budget); ``fitness``: "psnr"
+    or "fd" of a small sample set (pixel models) or "proxy" (layer output error, any model);
+    ``candidates``: the INT4 choices, TensorRT's blocks and :data:`QDIT_CHANNEL` (per channel, simulation only).
+    """
+
+    budget: float | None = None
+    fitness: str = "psnr"
+    candidates: tuple[int, ...] = INT4_BLOCK_SIZES
+
+    def __post_init__(self):
+        if self.fitness not in QDIT_FITNESSES:
+            raise ConfigError(f"unknown qdit fitness {self.fitness!r}; choose one of: {', '.join(QDIT_FITNESSES)}")
+        allowed = (*INT4_BLOCK_SIZES, QDIT_CHANNEL)
+        if not self.candidates or any(c not in allowed for c in self.candidates):
+            raise ConfigError(f"qdit candidates must be INT4 blocks {INT4_BLOCK_SIZES} or {QDIT_CHANNEL} (per channel), got {self.candidates}")
+        if self.budget is not None and self.budget <= 0:
+            raise ConfigError(f"qdit budget is a mean INT4 group size and must be positive, got {self.budget}")
+
+
+# ----------------------------------------------------------------------------------- the procedure's view
+
+
+@dataclass
+class Step:
+    """What the procedure hands a method: the working copy ``model`` (balanced in place), the quantized
+    ``layers``, the balanceable ``targets`` among them, the recorded ``batches``, the ``precision``,
+    the ``config`` (:class:`ditrt.calibrate.ptq.CalibrateConfig`), the ``device``, and ``details``,
+    the method's record that goes into ``recipe.details``."""
+
+    model: nn.Module
+    layers: list[str]
+    targets: list[str]
+    batches: list[CalibBatch]
+    precision: Precision
+    config: object
+    device: str = "cpu"
+    details: dict = field(default_factory=dict)
+
+    @property
+    def settings(self):
+        return self.config.settings
+
+    @property
+    def seed(self) -> int:
+        return self.config.calibration.seed
+
+    @property
+    def block(self) -> int | None:
+        """The configured INT4 block when this precision's weights are block-wise, else None."""
+        return self.config.block_size if self.precision.weight_granularity == "block" else None
+
+
+@dataclass(frozen=True)
+class Balanced:
+    """What balancing did: the folded layers and a :class:`ditrt.calibrate.balance.BalanceReport` each."""
+
+    layers: tuple[str, ...]
+    reports: dict  # layer -> ditrt.calibrate.balance.BalanceReport
+
+    @property
+    def skipped(self) -> int:
+        """Channels left at d = 1 because a salience was degenerate (dead weight column or activation)."""
+        return sum(r.skipped for r in self.reports.values())
+
+    def summary(self) -> dict:
+        """The ``recipe.details["balance"]`` record: counts over every folded layer, and the layers that skipped channels."""
+        return {
+            "layers": len(self.layers),
+            "channels": sum(r.channels for r in self.reports.values()),
+            "skipped_channels": self.skipped,
+            "per_layer": {n: r.skipped for n, r in self.reports.items() if r.skipped},
+        }
+
+
+class Method:
+    """A calibration method. Subclasses set ``name``, ``settings`` and override the steps they take."""
+
+    name: str = ""
+    summary: str = ""  # one line for --help
+    settings: type = MinMaxSettings
+    default_search: str = "mse"
+
+    def notes(self, precision: Precision) -> list[str]:
+        return []
+
+    def applies(self, precision: Precision) -> bool:
+        """Whether the method's steps, and so its settings, act at ``precision`` (its notes say why not)."""
+        return True
+
+    def balance(self, step: Step) -> Balanced | None:
+        return None
+
+    def block_sizes(self, step: Step) -> dict[str, int] | None:
+        return None
+
+
+def _fold(step: Step, factors: dict[str, torch.Tensor], reports: dict[str, B.BalanceReport]) -> Balanced:
+    from ditrt.calibrate.balance import apply_balance
+
+    apply_balance(step.model, factors)
+    return Balanced(tuple(factors), reports)
+
+
+class _Salience(Method):
+    """Balancing from the observed per-step channel maxima; ``factors(per_step (T, C), w_sal (C,))``
+    gives ``(d (C,), the activation salience d came from (C,))``. Activations must be quantized: moving
+    activation range into INT4 weights can only hurt."""
+
+    def factors(self, per_step: torch.Tensor, w_sal: torch.Tensor, settings) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def notes(self, precision: Precision) -> list[str]:
+        if self.applies(precision):
+            return []
+        return [f"{self.name}: balancing skipped, activations are not quantized at {precision.name} "
+                "(moving activation range into INT4 weights can only hurt)"]  # fmt: skip
+
+    def applies(self, precision: Precision) -> bool:
+        return precision.quantizes_activations
+
+    def balance(self, step: Step) -> Balanced | None:
+        from ditrt.calibrate import balance as B
+        from ditrt.calibrate.observe import observe_linear_inputs
+
+        if not self.applies(step.precision):
+            return None
+        stats = observe_linear_inputs(step.model, step.targets, step.batches, device=step.device, seed=step.seed)
+        factors, reports = {}, {}
+        for name, st in stats.items():  # compute every factor on the unmodified model, then fold them all
+            w_sal = B.weight_salience(step.model.get_submodule(name).weight.detach().float())
+            factors[name], s_x = self.factors(st.channel_max_by_step(), w_sal, step.settings)
+            reports[name] = B.BalanceReport.of(name, factors[name], s_x, w_sal)
+        return _fold(step, factors, reports)
+
+
+class MinMax(Method):
+    """No balancing; min-max scales unless a search is asked for."""
+
+    name, settings, default_search = "minmax", MinMaxSettings, "minmax"
+    summary = "no balancing, min-max scales"
+
+
+class SmoothQuant(_Salience):
+    """One salience per channel: the max over every recorded step, migrated with ``alpha``."""
+
+    name, settings = "smoothquant", SmoothQuantSettings
+    summary = "SmoothQuant balancing with --alpha"
+
+    def factors(self, per_step, w_sal, settings):
+        from ditrt.calibrate import balance as B
+
+        s_x = per_step.amax(0)
+        return B.smoothquant_factors(s_x, w_sal, alpha=settings.alpha), s_x
+
+
+class PTQ4DiT(_Salience):
+    """CSB with Spearman-guided salience over timesteps (SSC)."""
+
+    name, settings = "ptq4dit", PTQ4DiTSettings
+    summary = "CSB+SSC balancing"
+
+    def factors(self, per_step, w_sal, settings):
+        from ditrt.calibrate import balance as B
+
+        s_x, _, _ = B.ssc_salience(per_step, w_sal)
+        return B.csb_factors(s_x, w_sal), s_x
+
+
+class DiTAS(Method):
+    """Smoothing with a per-layer alpha chosen by the quantized layer's output error (any precision)."""
+
+    name, settings = "ditas", DiTASSettings
+    summary = "smoothing with a per-layer alpha search"
+
+    def balance(self, step: Step) -> Balanced | None:
+        from ditrt.calibrate.ditas import LayerQuant, ditas_factors
+
+        p, config = step.precision, step.config
+        quant = LayerQuant(p.weight_bits, p.act_bits, p.weight_granularity, step.block, config.weight_scale_search, config.act_scale_search)
+        reports: dict = {}
+        factors, alphas = ditas_factors(step.model, step.targets, step.batches, quant, seed=step.seed, device=step.device, reports=reports)
+        step.details["alpha"] = alphas
+        return _fold(step, factors, reports)
+
+
+class QDiT(Method):
+    """Q-DiT's evolutionary search of each layer's INT4 block (INT8 weights are per channel: nothing to search)."""
+
+    name, settings = "qdit", QDiTSettings
+    summary = "per-layer INT4 block search (--qdit-*)"
+
+    def applies(self, precision: Precision) -> bool:
+        return precision.weight_bits == 4
+
+    def notes(self, precision: Precision) -> list[str]:
+        if precision.weight_bits == 8:
+            return ["qdit: INT8 weights are per channel in TensorRT, so there is no granularity to search at w8a8"]
+        return []
+
+    def block_sizes(self, step: Step) -> dict[str, int] | None:
+        from ditrt.calibrate.granularity import SearchSettings, search_granularity
+
+        if not self.applies(step.precision):
+            return None
+        s = step.settings
+        search = SearchSettings(budget=s.budget, fitness=s.fitness, seed=step.seed)
+        choice, report = search_granularity(step.model, step.layers, step.batches, bits=step.precision.weight_bits, settings=search,
+                                            candidates=s.candidates, scale_search=step.config.weight_scale_search)  # fmt: skip
+        step.details["granularity_search"] = report
+        return choice
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    REGISTRY[method.name] = method
+    return method
+
+
+for _m in (MinMax(), SmoothQuant(), PTQ4DiT(), DiTAS(), QDiT()):
+    register(_m)
+assert tuple(REGISTRY) == METHODS, f"the method registry {tuple(REGISTRY)} must list exactly ditrt.contracts.recipe.METHODS {METHODS}"
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``, or :class:`ConfigError` listing the known ones."""
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
