@@ -19,6 +19,8 @@ int4-weight-only       no INT4 Q/DQ on activations
 qdq-nonlinear          no Q/DQ feeding LayerNorm, Softmax or GELU-like ops
 qdq-attention          no Q/DQ on the attention MatMuls (both inputs activations)
 qdq-placement          an activation Q/DQ feeds only weighted ops (MatMul/Gemm/Conv)
+finite                 every floating-point initializer and Constant is finite (no NaN or inf;
+                       integer tensors are skipped without being read)
 =====================  ==========================================================================
 """
 
@@ -53,6 +55,8 @@ NONLINEAR_OPS = {
 #: Ops that move or retype data without computing: followed when looking for a Q/DQ's real consumer.
 PASS_THROUGH = {"Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten"}
 QDQ = {"QuantizeLinear", "DequantizeLinear"}
+#: onnx.TensorProto names of the float types that can hold NaN or inf: the tensors the finite rule reads.
+FLOAT_TYPES = ("FLOAT", "FLOAT16", "DOUBLE", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")
 
 
 def check_onnx(path: str | Path) -> list[Violation]:
@@ -160,6 +164,7 @@ class _Checker:
     # ------------------------------------------------------------------------------ rules
     def run(self) -> list[Violation]:
         self.check_opset()
+        self.check_finite()
         for n in self.nodes:
             if n.op_type in QDQ:
                 self.check_qdq_constants(n)
@@ -206,6 +211,28 @@ class _Checker:
         if len(n.input) > 2 and n.input[2]:
             return self.types.get(n.input[2])
         return self.attr(n, "output_dtype") or 2  # UINT8 by default
+
+    def check_finite(self) -> None:
+        """One violation per floating-point constant holding NaN or inf, on the first node that reads it."""
+        from onnx import TensorProto
+
+        floats = {getattr(TensorProto, t) for t in FLOAT_TYPES}
+        constants = [(t.name, t.data_type, list(t.dims)) for t in self.model.graph.initializer]
+        for n in self.nodes:
+            value = next((a.t for a in n.attribute if a.name == "value"), None) if n.op_type == "Constant" else None
+            if value is not None:
+                constants.append((n.output[0], value.data_type, list(value.dims)))
+        for name, dtype, dims in constants:
+            if dtype not in floats:
+                continue  # integers (quantized weights, zero points) cannot be non-finite: not read at all
+            values = self.const(name).astype(np.float32)  # float16/bfloat16/float8 widen exactly
+            nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+            if nan or inf:
+                reader = next(iter(self.consumers.get(name, [])), None) or self.producer.get(name)
+                self.add(reader, "finite", (
+                    f"{name} ({TensorProto.DataType.Name(dtype)} {dims}) holds {nan} NaN and {inf} infinite of {values.size} values; "
+                    "re-export from weights and a recipe that are finite (a float16 graph overflows beyond 65504: export as fp32)"
+                ))  # fmt: skip
 
     def check_qdq_constants(self, n) -> None:
         for idx, what in ((1, "scale"), (2, "zero point")):

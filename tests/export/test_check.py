@@ -202,3 +202,54 @@ def test_missing_or_corrupt_files_are_artifact_errors(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(ArtifactError, match="not a readable ONNX model"):
         check_onnx(tmp_path / "bad.onnx")
+
+
+def test_non_finite_float_initializers_are_named_in_every_float_type(tmp_path):
+    a_nodes, a_inits = _act_qdq(scale_dtype=np.float16)
+    a_inits[0] = _init("x_s", np.array(np.inf, np.float16))  # a scale that overflowed float16
+    w_nodes, w_inits = _weight_dq()
+    w_inits[1] = _init("w_s", np.where(np.arange(N) == 3, np.nan, 0.01).astype(np.float32))
+    nodes = [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16, name="to16")]
+    a_nodes[0].input[0] = "x16"
+    mm = helper.make_node("MatMul", ["x_dq", "w_dq"], ["y16"], name="fc")
+    back = helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT, name="to32")
+    w_nodes[0].input[1] = "w_s16"
+    w_cast = helper.make_node("Cast", ["w_s"], ["w_s16"], to=TensorProto.FLOAT16, name="w_s_cast")
+    found = check_onnx(_save(tmp_path, nodes + a_nodes + [w_cast] + w_nodes + [mm, back], a_inits + w_inits))
+    finite = [v for v in found if v.rule == "finite"]
+    assert {(v.node, v.rule) for v in finite} == {("x_q", "finite"), ("w_s_cast", "finite")}, found
+    by_node = {v.node: v.message for v in finite}
+    assert by_node["x_q"].startswith("x_s (FLOAT16 []) holds 0 NaN and 1 infinite of 1 values")
+    assert by_node["w_s_cast"].startswith(f"w_s (FLOAT [{N}]) holds 1 NaN and 0 infinite of {N} values")
+
+
+def test_a_correct_graph_has_no_finite_violation_and_integers_are_not_read(tmp_path, monkeypatch):
+    """With external data, only floating-point tensors are loaded by the finite rule (integers cannot be NaN)."""
+    from onnx import external_data_helper
+
+    path = _linear(tmp_path)
+    m = onnx.load(str(path))
+    onnx.save(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="g.data", size_threshold=0)
+    loaded = []
+    real = external_data_helper.load_external_data_for_tensor
+
+    def spy(tensor, base_dir):
+        loaded.append(tensor.name)
+        return real(tensor, base_dir)
+
+    monkeypatch.setattr(external_data_helper, "load_external_data_for_tensor", spy)
+    assert check_onnx(path) == []
+    assert "x_s" in loaded and "w_s" in loaded  # the float scales are read ...
+    assert "w" not in loaded  # ... the int8 weight is not (zero points are read by the zero-point rule only)
+
+
+def test_an_exported_float16_graph_with_an_overflowed_weight_fails_the_finite_rule(exported, tmp_path):
+    m = onnx.load(str(exported("tiny", "w8a8", "fp16")))
+    t = next(t for t in m.graph.initializer if t.data_type == TensorProto.FLOAT16 and np.prod(t.dims) > 1)
+    a = numpy_helper.to_array(t).copy()
+    a.flat[0] = np.inf
+    t.CopyFrom(numpy_helper.from_array(a, t.name))
+    onnx.save(m, str(tmp_path / "inf.onnx"))
+    assert check_onnx(exported("tiny", "w8a8", "fp16")) == []
+    found = check_onnx(tmp_path / "inf.onnx")
+    assert [v.rule for v in found] == ["finite"] and found[0].message.startswith(f"{t.name} (FLOAT16 "), found
