@@ -94,3 +94,116 @@ def test_evaluate_refuses_unpaired_reference_and_missing_files(tmp_path, digits_
 
 def test_help_works():
     assert "sample" in run("--help").output
+
+
+# ---------------------------------------------------------------- ditrt sample ARTIFACT (any model, any backend)
+
+
+@pytest.fixture(scope="module")
+def latent(tmp_path_factory):
+    """A tiny random 4-channel (DiT-XL/2-style latent) model as a checkpoint, a recipe folder and an exported graph."""
+    from ditrt.contracts.recipe import save_recipe
+    from ditrt.export import export_onnx
+    from tests.conftest import TINY
+    from tests.export.recipes import absmax_recipe
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("latent")
+    model = random_dit(TINY)
+    save_ditrt_checkpoint(model, root / "m.safetensors")
+    recipe, tensors = absmax_recipe(model, "w8a8")
+    save_recipe(recipe, tensors, root / "recipe")
+    return {"ckpt": root / "m.safetensors", "recipe": root / "recipe", "onnx": export_onnx(model, root / "m.onnx")}
+
+
+def _settings(out):
+    return json.loads(str(np.load(out / "samples.npz")["settings"]))
+
+
+def test_sample_a_graph_of_a_non_builtin_model_with_no_other_option(tmp_path, latent):
+    r = run("sample", latent["onnx"], "--steps", "5", "--num", "2", "--out", tmp_path / "g")
+    assert r.exit_code == 0, r.output
+    z = np.load(tmp_path / "g" / "samples.npz")
+    assert z["latents"].shape == (2, 4, 8, 8)
+    s = _settings(tmp_path / "g")
+    assert (s["artifact"], s["backend"], s["recipe"], s["model"]) == (str(latent["onnx"]), "onnxruntime", None, None)
+    assert s["model_config"]["in_channels"] == 4
+    assert run("sample", latent["ckpt"], "--steps", "5", "--num", "2", "--out", tmp_path / "t").exit_code == 0
+    torch_latents = np.load(tmp_path / "t" / "samples.npz")["latents"]
+    assert np.abs(z["latents"] - torch_latents).max() <= 1e-3 * np.abs(torch_latents).max()  # same seeds: the same samples
+    old = run("sample", "--onnx", latent["onnx"], "--steps", "5", "--num", "2", "--out", tmp_path / "o")  # the option form still works
+    assert old.exit_code == 0 and np.array_equal(np.load(tmp_path / "o" / "samples.npz")["latents"], z["latents"])
+
+
+def test_sample_a_recipe_folder_without_its_model_records_the_recipe(tmp_path, latent):
+    assert run("sample", latent["recipe"], "--steps", "5", "--num", "2", "--out", tmp_path / "a").exit_code == 0
+    r = run("sample", "--model", latent["ckpt"], "--recipe", latent["recipe"], "--steps", "5", "--num", "2", "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    a, b = np.load(tmp_path / "a" / "samples.npz"), np.load(tmp_path / "b" / "samples.npz")
+    assert np.array_equal(a["latents"], b["latents"])
+    s = _settings(tmp_path / "b")
+    assert (s["recipe"], s["model"], s["backend"], s["precision"]) == (str(latent["recipe"]), str(latent["ckpt"]), "torch", "w8a8")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--onnx", "{onnx}", "--recipe", "{recipe}"], "the graph already carries the recipe"),
+        (["{onnx}", "--recipe", "{recipe}"], "the graph already carries the recipe"),
+        (["{onnx}", "--model", "{ckpt}"], "--model does not apply to"),
+        (["{onnx}", "--config", "DiT-S/2"], "--config does not apply to"),
+        (["{recipe}", "--config", "DiT-S/2"], "a recipe records its model config"),
+        (["{ckpt}", "--onnx", "{onnx}"], "sample one artifact at a time"),
+        (["{onnx}", "--backend", "torch"], "--backend torch disagrees with"),
+        (["--engine", "{onnx}"], "is not a .plan/.engine or an engine .groups.json"),
+        (["--recipe", "{onnx}"], "is not a recipe folder"),
+        (["{onnx}", "--batch-size", "0"], "--batch-size must be a positive number"),
+        (["{onnx}", "--batch-size", "-2"], "--batch-size must be a positive number"),
+        (["{onnx}", "--num", "0"], "--num must be positive"),
+        (["{onnx}", "--steps", "abc"], "invalid step count"),
+        (["{onnx}", "--classes", "3,10"], "class id 10 is out of range: this model has classes 0..9"),
+        (["{onnx}", "--vae", "{ckpt}"], "is not a diffusers AutoencoderKL folder"),
+        (["builtin", "--vae", "{recipe}"], "is not a diffusers AutoencoderKL folder"),
+    ],
+)
+def test_contradictory_or_ignored_options_are_one_line_errors_before_work(tmp_path, latent, args, message):
+    args = [a.format(**latent) for a in args]
+    r = CliRunner().invoke(main, ["sample", "--steps", "5", "--num", "2", *args, "--out", str(tmp_path / "o")])  # later values win
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_vae_is_refused_for_a_pixel_model(tmp_path):
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text("{}")
+    r = CliRunner().invoke(main, ["sample", "--vae", str(vae), "--steps", "5", "--num", "2", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--vae decodes 4-channel latents" in r.output and not (tmp_path / "o").exists()
+
+
+def test_bad_steps_are_refused_before_the_model_is_loaded(tmp_path):
+    r = CliRunner().invoke(main, ["sample", str(tmp_path / "missing.safetensors"), "--steps", "abc", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "invalid step count" in r.output
+
+
+def test_batch_size_follows_and_is_checked_against_the_backend_limit(tmp_path, latent, monkeypatch):
+    """An artifact whose backend takes at most 6 rows per call (an engine's profile): 3 images with guidance."""
+    import ditrt.runtime.open as open_module
+
+    real = open_module.open_denoiser
+    batches = []
+
+    def limited(*a, **kw):
+        opened = real(*a, **kw)
+        inner = opened.denoiser
+        opened.denoiser = lambda x, t, y: batches.append(x.shape[0]) or inner(x, t, y)
+        opened.max_rows = 6
+        return opened
+
+    monkeypatch.setattr(open_module, "open_denoiser", limited)
+    r = run("sample", latent["onnx"], "--steps", "5", "--num", "5", "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    assert max(batches) == 6 and set(batches) == {6, 4}  # 3 + 2 images, doubled for guidance
+    r = CliRunner().invoke(main, ["sample", str(latent["onnx"]), "--batch-size", "4", "--num", "5", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "at most 3 images per call with guidance (6 rows)" in r.output and not (tmp_path / "b").exists()
