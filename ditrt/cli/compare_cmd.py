@@ -3,77 +3,137 @@
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 import click
 
 from ditrt.cli import main
-from ditrt.cli.options import model_option
+from ditrt.contracts.errors import ArtifactError, ConfigError
 
 
 @main.command()
-@model_option
+@click.option("--model", "model_spec", default=None,
+              help="Float checkpoint ('builtin', .pt, .safetensors, diffusers folder): records the inputs and is the reference "
+                   "unless --recipe or --reference-onnx says otherwise (default: builtin when nothing else names the model).")  # fmt: skip
 @click.option("--recipe", "recipe_dir", type=click.Path(path_type=Path), default=None, help="Compare against the simulated recipe.")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), required=True, help="The graph under test (ONNX Runtime).")
 @click.option("--reference-onnx", type=click.Path(path_type=Path), default=None, help="Compare against this graph instead of torch.")
 @click.option("--engine", type=click.Path(path_type=Path), default=None, help="Also run this TensorRT engine against ONNX Runtime.")
 @click.option("--per-layer", is_flag=True, help="Compare every intermediate tensor and name the first node where the error jumps.")
 @click.option("--threshold", default=1e-2, show_default=True, type=float, help="Per-layer relative error that counts as a jump.")
-@click.option("--atol", default=1e-3, show_default=True, type=float)
-@click.option("--rtol", default=1e-3, show_default=True, type=float)
+@click.option("--atol", default=1e-3, show_default=True, type=float, help="Absolute tolerance of Polygraphy's pass/fail check.")
+@click.option("--rtol", default=1e-3, show_default=True, type=float, help="Relative tolerance of Polygraphy's pass/fail check.")
 @click.option("--steps", default="50", show_default=True, help="Sampling run whose inputs are compared.")
 @click.option("--timesteps", default=5, show_default=True, type=int, help="Recorded steps of that run.")
 @click.option("--save-inputs", type=click.Path(path_type=Path), default=None, help="Write the inputs as a Polygraphy input file.")
 @click.option("--load-inputs", type=click.Path(path_type=Path), default=None, help="Use a Polygraphy input file instead.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (Polygraphy's log goes to stderr).")
 def compare(model_spec, recipe_dir, onnx_path, reference_onnx, engine, per_layer, threshold, atol, rtol, steps, timesteps,
             save_inputs, load_inputs, as_json):  # fmt: skip
-    """Accuracy of an exported graph (and engine) on real DiT inputs, through Polygraphy."""
+    """Accuracy of an exported graph (and engine) on real DiT inputs, through Polygraphy.
+
+    Exit code 0 when every comparison passes Polygraphy's atol/rtol check, 1 when one fails, 2 on bad input."""
     from ditrt.compare.accuracy import compare_runners
     from ditrt.compare.accuracy import per_layer as per_layer_compare
     from ditrt.compare.inputs import load_feeds, record_feeds, save_feeds
     from ditrt.compare.runners import DenoiserRunner
-    from ditrt.contracts.errors import ArtifactError
-    from ditrt.models.builtin import is_pixel_model, load_model
-    from ditrt.runtime.onnxruntime_backend import OnnxRuntimeDenoiser, make_session
+    from ditrt.runtime.onnxruntime_backend import make_session
+    from ditrt.runtime.open import open_denoiser
 
-    if not onnx_path.exists():
-        raise ArtifactError(f"{onnx_path} does not exist; create it with `ditrt export`")
-    model = load_model(model_spec)
-    shape = (model.config.in_channels, model.config.input_size, model.config.input_size)
-    feeds = load_feeds(load_inputs) if load_inputs else record_feeds(model, steps=steps, timesteps=timesteps, pixel_space=is_pixel_model(model))
+    _validate(onnx_path, reference_onnx, recipe_dir, engine, steps, timesteps, atol, rtol, threshold, load_inputs, save_inputs)
+    test = open_denoiser(onnx_path)
+    if reference_onnx is not None:
+        reference, ref_name = open_denoiser(reference_onnx), f"onnxruntime:{reference_onnx.name}"
+    elif recipe_dir is not None:
+        reference, ref_name = open_denoiser(recipe_dir, model=model_spec), "torch:simulated-recipe"
+    else:
+        reference, ref_name = open_denoiser(model_spec or "builtin"), "torch:float"
+    cfg = test.config
+    if reference.config != cfg:
+        raise ConfigError(f"{onnx_path} and the reference are different models ({_size(cfg)} vs {_size(reference.config)}); "
+                          "pass the --model, --recipe or --reference-onnx it was exported from")  # fmt: skip
+    needs_float = not load_inputs or (per_layer and reference_onnx is None)
+    float_model = _float_model(model_spec, reference, recipe_dir) if needs_float else None
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    pixel = cfg.in_channels == 1 and cfg.input_size == 8  # the built-in digits model works in pixel space
+    feeds = load_feeds(load_inputs) if load_inputs else record_feeds(float_model, steps=steps, timesteps=timesteps, pixel_space=pixel)
     if save_inputs:
         save_feeds(feeds, save_inputs)
-    test = DenoiserRunner(OnnxRuntimeDenoiser(onnx_path), image_shape=shape, name=f"onnxruntime:{onnx_path.name}")
-    if reference_onnx is not None:
-        reference = DenoiserRunner(OnnxRuntimeDenoiser(reference_onnx), image_shape=shape, name=f"onnxruntime:{reference_onnx.name}")
-    elif recipe_dir is not None:
-        from ditrt.models.quantized import load_quantized
-
-        sim, _ = load_quantized(recipe_dir, model, model_source=str(model_spec))
-        reference = DenoiserRunner(sim, image_shape=shape, name="torch:simulated-recipe")
-    else:
-        reference = DenoiserRunner(model, image_shape=shape, name="torch:float")
-    results = {"comparisons": [compare_runners(reference, test, feeds, atol=atol, rtol=rtol)]}
+    test_runner = DenoiserRunner(test.denoiser, image_shape=shape, name=f"onnxruntime:{onnx_path.name}")
+    reference_runner = DenoiserRunner(reference.denoiser, image_shape=shape, name=ref_name)
+    results = {"comparisons": [compare_runners(reference_runner, test_runner, feeds, atol=atol, rtol=rtol)]}
     if engine is not None:
-        from ditrt.runtime.tensorrt_backend import TensorRTDenoiser
-
-        trt = DenoiserRunner(TensorRTDenoiser(engine, onnx_path=onnx_path), image_shape=shape, name=f"tensorrt:{engine.name}", device="cuda")
-        results["comparisons"].append(compare_runners(test, trt, feeds, atol=atol, rtol=rtol))
+        with open_denoiser(engine, onnx=onnx_path, device="cuda") as trt:
+            trt_runner = DenoiserRunner(trt.denoiser, image_shape=shape, name=f"tensorrt:{engine.name}", device="cuda")
+            results["comparisons"].append(compare_runners(test_runner, trt_runner, feeds, atol=atol, rtol=rtol))
     if per_layer:
         with tempfile.TemporaryDirectory() as tmp:
-            ref_graph = reference_onnx or _folded_float_graph(model, recipe_dir, Path(tmp))
+            ref_graph = reference_onnx or _folded_float_graph(float_model, recipe_dir, Path(tmp))
             results["per_layer"] = per_layer_compare(ref_graph, onnx_path, feeds, session_factory=make_session, threshold=threshold)
+    results["passed"] = all(c["passed"] for c in results["comparisons"])
     if as_json:
         click.echo(json.dumps(results, indent=2))
-        return
+    else:
+        _print(results, atol, rtol, threshold)
+    if not results["passed"]:
+        sys.exit(1)  # a failed comparison is a result, not a usage error (2)
+
+
+def _validate(onnx_path, reference_onnx, recipe_dir, engine, steps, timesteps, atol, rtol, threshold, load_inputs, save_inputs) -> None:
+    """Every option, before any model is loaded."""
+    from ditrt.contracts.files import check_writable
+    from ditrt.diffusion.schedule import make_schedule
+
+    for flag, path in (("--onnx", onnx_path), ("--reference-onnx", reference_onnx), ("--engine", engine), ("--load-inputs", load_inputs)):
+        if path is not None and not Path(path).exists():
+            raise ArtifactError(f"{flag} {path} does not exist; create it with {'`ditrt build`' if flag == '--engine' else '`ditrt export`' if 'onnx' in flag else '--save-inputs'}")
+    if reference_onnx is not None and recipe_dir is not None:
+        raise ConfigError("--reference-onnx and --recipe are two references; pass one")
+    if timesteps <= 0:
+        raise ConfigError(f"--timesteps must be a positive number of recorded steps, got {timesteps}")
+    schedule = make_schedule(str(steps))
+    if not load_inputs and timesteps > schedule.num_steps:
+        raise ConfigError(f"--timesteps {timesteps} is more than the {schedule.num_steps} steps of --steps {steps}; pass at most {schedule.num_steps}")
+    for flag, v in (("--atol", atol), ("--rtol", rtol)):
+        if not v >= 0:
+            raise ConfigError(f"{flag} must be >= 0, got {v}")
+    if not threshold > 0:
+        raise ConfigError(f"--threshold must be > 0, got {threshold}")
+    if save_inputs is not None:
+        check_writable(save_inputs, what="--save-inputs")
+
+
+def _float_model(model_spec, reference, recipe_dir):
+    """What records the inputs (a float sampling run): --model, else the recipe's folded float model,
+    else the reference itself (the float checkpoint, or the reference graph: an OpenDenoiser has a config)."""
+    from ditrt.runtime.open import open_denoiser
+
+    if model_spec is not None:
+        return reference.model if reference.backend == "torch" and recipe_dir is None else open_denoiser(model_spec).model
+    if recipe_dir is not None:
+        from ditrt.contracts.model_config import DiTConfig
+        from ditrt.contracts.recipe import load_recipe
+        from ditrt.export.qdq import folded_model
+        from ditrt.models.dit import DiT
+
+        recipe, tensors = load_recipe(recipe_dir)
+        return folded_model(DiT(DiTConfig.from_dict(recipe.model_config)), tensors)  # computes what the float model computes
+    return reference.model if reference.backend == "torch" else reference
+
+
+def _size(c) -> str:
+    return f"{c.in_channels} ch, {c.input_size}px, hidden {c.hidden_size}, depth {c.depth}"
+
+
+def _print(results: dict, atol: float, rtol: float, threshold: float) -> None:
     click.echo(f"{'reference':32} {'test':32} {'rel L2':>9} {'max abs':>9} {'mean abs':>9} {'cosine':>9} {'SNR dB':>7}  polygraphy")
     for c in results["comparisons"]:
         for name, s in c["outputs"].items():
             click.echo(f"{c['reference'][:32]:32} {c['test'][:32]:32} {s['rel_l2']:9.2e} {s['max_abs']:9.2e} {s['mean_abs']:9.2e} "
                        f"{s['cosine']:9.6f} {s['snr_db']:7.1f}  {'PASSED' if c['passed'] else 'FAILED'} (atol {atol}, rtol {rtol})")  # fmt: skip
-    if per_layer:
+    if "per_layer" in results:
         p = results["per_layer"]
         first = p["first_over_threshold"]
         click.echo(f"per-layer: {p['compared_tensors']} tensors compared; final rel L2 {p['final_rel_l2']:.2e}")
@@ -83,15 +143,12 @@ def compare(model_spec, recipe_dir, onnx_path, reference_onnx, engine, per_layer
 
 
 def _folded_float_graph(model, recipe_dir, tmp: Path) -> Path:
-    from ditrt.contracts.errors import ConfigError
+    """The float graph (recipe's folded weights, no Q/DQ) that a quantized graph is compared with layer by layer."""
+    from ditrt.contracts.recipe import load_recipe
     from ditrt.export import export_onnx
+    from ditrt.export.qdq import folded_model
 
     if recipe_dir is None:
         raise ConfigError("--per-layer needs a second graph: pass --reference-onnx, or --recipe to export its float graph")
-    from ditrt.contracts.files import state_dict_hash
-    from ditrt.contracts.recipe import check_recipe_matches, load_recipe
-    from ditrt.export.qdq import folded_model
-
-    recipe, tensors = load_recipe(recipe_dir)
-    check_recipe_matches(recipe, state_dict_hash(model), "--model")
+    _, tensors = load_recipe(recipe_dir)
     return export_onnx(folded_model(model, tensors), tmp / "folded-float.onnx", dtype="fp32")

@@ -4,7 +4,8 @@ dicts) so that ``polygraphy run --load-inputs`` can use them too."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import sys
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,15 @@ Feed = dict[str, np.ndarray]
 
 @contextmanager
 def quiet_polygraphy():
-    """Polygraphy logs to stdout; keep it to errors so that ``--json`` output stays parseable."""
+    """Polygraphy prints its log to stdout: keep it to errors and send those to stderr, so that stdout
+    carries only the command's own output (``--json``: one JSON object)."""
     from polygraphy.logger import G_LOGGER
 
     old = G_LOGGER.module_severity
     G_LOGGER.module_severity = G_LOGGER.ERROR
     try:
-        yield
+        with redirect_stdout(sys.stderr):
+            yield
     finally:
         G_LOGGER.module_severity = old
 

@@ -76,6 +76,10 @@ class OpenDenoiser:
     model: object | None = None
     metadata: dict = field(default_factory=dict)
 
+    def __call__(self, x, t, y):
+        """The denoiser itself: with ``config`` this makes an OpenDenoiser a model for samplers and recorders."""
+        return self.denoiser(x, t, y)
+
     @property
     def max_images(self) -> int | None:
         """Images per sampler call with classifier-free guidance (which doubles each batch); None = any."""
