@@ -28,13 +28,15 @@ import torch
 from torch import nn
 
 from ditrt.contracts.errors import ArtifactError, ConfigError
-from ditrt.contracts.precisions import INT4_BLOCK_SIZES
+from ditrt.contracts.precisions import FORMATS, INT4_BLOCK_SIZES
 from ditrt.contracts.quantizers import expand_weight_scale, quantize
 from ditrt.contracts.recipe import Recipe, check_recipe_matches
 
 log = logging.getLogger(__name__)
 
 _NP = {"fp32": np.float32, "fp16": np.float16}
+#: The ONNX integer element type of each registry number format (:data:`ditrt.contracts.precisions.FORMATS`).
+_INT = {"int8": np.int8, "int4": ml_dtypes.int4}
 
 
 # ------------------------------------------------------------------------------------- validation
@@ -47,19 +49,18 @@ def check_exportable(
             f"recipe {recipe.method}/{recipe.precision} is asymmetric and cannot be exported: TensorRT needs zero points of 0; "
             "re-run `ditrt calibrate` with symmetric quantization (asymmetric recipes are for simulation only)"
         )
-    if not recipe.deployable or recipe.precision not in ("w8a8", "w4a16"):
-        raise ConfigError(
-            f"recipe precision {recipe.precision} cannot be exported: TensorRT has no INT4-weight INT8-activation format; "
-            "use w8a8 or w4a16 for deployment (w4a8 is for simulation only)"
-        )
+    spec = recipe.spec  # the precision registry decides; nothing below names a precision
+    if not spec.tensorrt:
+        raise ConfigError(f"recipe precision {spec.name} cannot be exported: {spec.why_not_tensorrt} ({spec.name} is for simulation only)")
     if recipe.dynamic_activations:
         raise ConfigError(
             "recipe uses dynamic per-sample activation scales, which have no Q/DQ form (TensorRT's scales are constants); "
             "re-run `ditrt calibrate` without --dynamic-activations (use --timestep-groups for time-varying scales)"
         )
-    if recipe.precision == "w4a16":
+    if spec.weight_format == "int4" or spec.weight_granularity == "block":
         if opset < 21:
-            raise ConfigError(f"w4a16 needs opset 21 (INT4 and block-wise DequantizeLinear), got opset {opset}")
+            raise ConfigError(f"{spec.name} needs opset 21 (INT4 and block-wise DequantizeLinear), got opset {opset}")
+    if spec.weight_granularity == "block":
         blocks = {recipe.block_size} | set(recipe.layer_block_sizes.values())
         bad = sorted(b for b in blocks if b not in INT4_BLOCK_SIZES)
         if bad:
@@ -68,7 +69,7 @@ def check_exportable(
                 "re-run `ditrt calibrate` with --block-size 64 (or qdit with the default candidates)"
             )
     k = recipe.timestep_groups
-    if k > 1 and recipe.act_bits and (timestep_group is None or not 0 <= timestep_group < k):
+    if k > 1 and spec.quantizes_activations and (timestep_group is None or not 0 <= timestep_group < k):
         raise ConfigError(
             f"this recipe has {k} timestep groups of activation scales: export one graph per group "
             f"(timestep_group 0..{k - 1}; `ditrt export` writes all of them), got {timestep_group}"
@@ -79,7 +80,7 @@ def check_exportable(
         check_recipe_matches(recipe, model_hash, "the model being exported")
     for name in recipe.layers:
         p = f"quant.{name}."
-        needed = [p + "weight_scale"] + ([p + "input_scale"] if recipe.act_bits else [])
+        needed = [p + "weight_scale"] + ([p + "input_scale"] if spec.quantizes_activations else [])
         missing = [k for k in needed if k not in tensors]
         if missing:
             raise ArtifactError(f"recipe tensors lack {missing[0]}; the recipe folder is incomplete, re-run `ditrt calibrate`")
@@ -177,11 +178,12 @@ def _graph_scale(scale: torch.Tensor, dtype: str, what: str) -> np.ndarray:
     return s
 
 
-def quantized_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> np.ndarray:
-    """Integers of a Linear weight (out, in), stored transposed as (in, out): int8 or ml_dtypes.int4."""
+def quantized_weight(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> np.ndarray:
+    """Integers of a Linear weight (out, in) in number format ``fmt`` ("int8", "int4"), stored
+    transposed as (in, out): int8 or ml_dtypes.int4 (ONNX packs INT4 two per byte)."""
+    bits = FORMATS[fmt].bits
     q = quantize(weight.detach().float(), expand_weight_scale(scale.float(), weight.shape), None, bits).to(torch.int8)
-    qt = q.t().contiguous().numpy()
-    return qt.astype(ml_dtypes.int4) if bits == 4 else qt
+    return q.t().contiguous().numpy().astype(_INT[fmt], copy=False)
 
 
 def _multiplies_by(node, weight: torch.Tensor, dtype: str) -> bool:
@@ -263,29 +265,30 @@ def _insert_layer(graph, node, layer: str, weight: torch.Tensor, recipe: Recipe,
     matmul = _matmul_of(graph, node, layer)
     matmul.name = f"{layer}/MatMul"
     p = f"quant.{layer}."
-    wscale, bits = tensors[p + "weight_scale"], recipe.weight_bits
+    wscale, spec = tensors[p + "weight_scale"], recipe.spec
     out_f, in_f = weight.shape
-    block = recipe.layer_block_sizes.get(layer, recipe.block_size) if bits == 4 else None
-    if bits == 4 and (not block or in_f % block):
+    blockwise = spec.weight_granularity == "block"
+    block = recipe.block_of(layer) if blockwise else None
+    if blockwise and (not block or in_f % block):
         raise ConfigError(f"{layer} has {in_f} inputs, not a multiple of the INT4 block size {block}; leave it unquantized")
-    want = (out_f, in_f // block) if bits == 4 else (out_f,)
+    want = (out_f, in_f // block) if blockwise else (out_f,)
     if tuple(wscale.shape) != want:
         raise ArtifactError(f"{p}weight_scale has shape {tuple(wscale.shape)}, expected {want}; re-run `ditrt calibrate`")
-    wq = _const(graph, f"{layer}.weight_quantized", quantized_weight(weight, wscale, bits))
-    if bits == 4:
+    wq = _const(graph, f"{layer}.weight_quantized", quantized_weight(weight, wscale, spec.weight_format))
+    if blockwise:  # scales (in // block, out): block-wise along the input dimension of the (in, out) weight
         ws = _const(graph, f"{layer}.weight_scale", _graph_scale(wscale.t().contiguous(), dtype, f"{layer} weight"))
         attrs = {"axis": 0, "block_size": block}
-    else:
+    else:  # per output channel: axis 1 of (in, out)
         ws = _const(graph, f"{layer}.weight_scale", _graph_scale(wscale.reshape(-1), dtype, f"{layer} weight"))
         attrs = {"axis": 1}
     dq_w = ir.node("DequantizeLinear", [wq, ws], attributes=attrs, name=f"{layer}/weight_dequantize")
     dq_w.outputs[0].name = f"{layer}.weight_dequantized"
     new = [dq_w]
-    if recipe.act_bits:
+    if spec.quantizes_activations:
         scale = tensors[p + "input_scale"]
         scale = scale[group] if scale.ndim == 1 else scale
         s = _const(graph, f"{layer}.input_scale", _graph_scale(scale.reshape(()), dtype, f"{layer} input"))
-        zp = _const(graph, f"{layer}.input_zero_point", np.zeros((), np.int8))
+        zp = _const(graph, f"{layer}.input_zero_point", np.zeros((), _INT[spec.act_format]))
         q = ir.node("QuantizeLinear", [matmul.inputs[0], s, zp], name=f"{layer}/input_quantize")
         q.outputs[0].name = f"{layer}.input_quantized"
         dq = ir.node("DequantizeLinear", [q.outputs[0], s, zp], name=f"{layer}/input_dequantize")

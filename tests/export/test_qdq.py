@@ -181,8 +181,28 @@ def test_float16_quantized_graph_matches_the_simulation_within_float16_error(mod
 def test_w4a8_is_refused(models, tmp_path):
     recipe, tensors = absmax_recipe(models["tiny"], "w4a8")
     assert not recipe.deployable
-    with pytest.raises(ConfigError, match="TensorRT has no INT4-weight INT8-activation format"):
+    with pytest.raises(ConfigError, match="w4a8 cannot be exported: INT4 weights with INT8 activations is no TensorRT format"):
         export_onnx(models["tiny"], tmp_path / "m.onnx", recipe=recipe, tensors=tensors)
+    assert not list(tmp_path.iterdir())
+
+
+def test_exportability_is_read_from_the_precision_registry(models, recipes, tmp_path, monkeypatch):
+    """A registry entry that TensorRT does not run is refused with the entry's own reason: no precision is named in qdq."""
+    from ditrt.contracts import precisions
+
+    recipe, tensors = recipes("tiny", "w8a8")
+    entry = dataclasses.replace(precisions.PRECISIONS["w8a8"], tensorrt=False, why_not_tensorrt="no kernels on this test's TensorRT")
+    monkeypatch.setitem(precisions.PRECISIONS, "w8a8", entry)
+    with pytest.raises(ConfigError, match=r"w8a8 cannot be exported: no kernels on this test's TensorRT \(w8a8 is for simulation only\)"):
+        export_onnx(models["tiny"], tmp_path / "m.onnx", recipe=recipe, tensors=tensors)
+    assert not list(tmp_path.iterdir())
+
+
+def test_dynamic_activation_scales_are_refused_as_such_at_every_precision(models, recipes, tmp_path):
+    for precision in ("w8a8", "w4a16"):
+        recipe, tensors = recipes("tiny", precision)
+        with pytest.raises(ConfigError, match="dynamic per-sample activation scales, which have no Q/DQ form"):
+            export_onnx(models["tiny"], tmp_path / "m.onnx", recipe=dataclasses.replace(recipe, dynamic_activations=True), tensors=tensors)
     assert not list(tmp_path.iterdir())
 
 
