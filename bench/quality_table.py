@@ -56,7 +56,7 @@ OPTIONS = {
     "dyn": {"dynamic_activations": True},
     "k2": {"timestep_groups": 2},
     "k4": {"timestep_groups": 4},
-    "mm": {"scale_search": "minmax"},  # min-max scales instead of the MSE clip search (non-minmax methods' default)
+    "mm": {"weight_search": "minmax", "act_search": "minmax"},  # min-max scales instead of the MSE clip search (non-minmax methods' default)
 }
 
 

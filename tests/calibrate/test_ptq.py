@@ -105,7 +105,7 @@ def test_bad_configs_are_user_errors():
 def test_cli_calibrate_then_sample_with_recipe(model, tmp_path):
     ckpt = tmp_path / "m.safetensors"
     save_ditrt_checkpoint(model, ckpt)
-    r = CliRunner().invoke(main, ["calibrate", "--model", str(ckpt), "--method", "ptq4dit", "--precision", "w8a8", "--steps", "10",
+    r = CliRunner().invoke(main, ["calibrate", "--model", str(ckpt), "--method", "ptq4dit", "--precision", "w8a8", "--calib-steps", "10",
                                   "--calib-timesteps", "3", "--calib-samples", "2", "--out", str(tmp_path / "r")])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "24 layers quantized, 18 balanced" in r.output
