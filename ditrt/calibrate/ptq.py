@@ -68,8 +68,9 @@ def calibrate(model: nn.Module, config: CalibrateConfig, forward_loop: list[Cali
     work = copy.deepcopy(model).eval()
     layers = quantized_layers(work, config.quantize_all)
     notes = []
-    if not p.tensorrt and p.quantizes_activations and p.weight_bits == 4:
-        notes.append(f"{p.name} (INT4 weights, INT8 activations) is a simulation-only setting: TensorRT has no such format")
+    if not p.tensorrt:
+        acts = p.act_format.upper() if p.act_format else "float"
+        notes.append(f"{p.name} ({p.weight_format.upper()} weights, {acts} activations) is a simulation-only setting: TensorRT has no such format")
     if not config.symmetric:
         notes.append("asymmetric quantizers are simulation-only: TensorRT requires zero point 0")
     if config.dynamic_activations:
