@@ -75,21 +75,17 @@ BASELINES = {"cpu": "onnxruntime fp32", "gpu": "tensorrt fp16"}
 
 # ----------------------------------------------------------------------------------- denoisers
 def make_denoiser(row: Row, args):
+    """The row's denoiser, opened like every ditrt command opens an artifact (ditrt.runtime.open)."""
     import torch
 
+    from ditrt.runtime.open import open_denoiser
+
     if row.backend == "torch":
-        from ditrt.models.builtin import load_model
-        from ditrt.runtime.torch_backend import TorchDenoiser
-
         dtype = torch.float16 if row.precision == "fp16" else torch.float32
-        return TorchDenoiser(load_model(args.model), device=row.device, dtype=dtype)
+        return open_denoiser(args.model, device=row.device, dtype=dtype).denoiser
     if row.backend == "onnxruntime":
-        from ditrt.runtime.onnxruntime_backend import OnnxRuntimeDenoiser
-
-        return OnnxRuntimeDenoiser(row.artifact, threads=args.threads)
-    from ditrt.runtime.tensorrt_backend import TensorRTDenoiser
-
-    return TensorRTDenoiser(Path(row.artifact), device="cuda", use_cuda_graph=args.cuda_graph, onnx_path=Path(row.onnx))
+        return open_denoiser(row.artifact, threads=args.threads).denoiser
+    return open_denoiser(Path(row.artifact), onnx=Path(row.onnx) if row.onnx else None, device="cuda", use_cuda_graph=args.cuda_graph).denoiser
 
 
 def step_inputs(config, batch: int, device: str, seed: int = 0):
@@ -216,8 +212,10 @@ def memory_child(args) -> dict:
     import torch
 
     import ditrt.runtime.onnxruntime_backend
+    import ditrt.runtime.open
     import ditrt.runtime.torch_backend
     from ditrt.contracts.model_config import DiTConfig
+    from ditrt.models.builtin import load_model  # noqa: F401
     from ditrt.models.checkpoints import load_dit  # noqa: F401
 
     row = Row(**json.loads(args.row))

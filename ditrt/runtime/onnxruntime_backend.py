@@ -138,7 +138,7 @@ def graph_config(metadata: dict, path):
         raise ArtifactError(f"{path} has an unreadable ditrt.model_config ({e}); re-export it with `ditrt export`") from None
 
 
-def open_onnxruntime(artifact, *, device: str = "cpu"):
+def open_onnxruntime(artifact, *, device: str = "cpu", threads: int | None = None):
     """:class:`~ditrt.runtime.open.OpenDenoiser` for a graph or graph manifest (one session per graph;
     the CUDA provider on a cuda device). Every graph of a manifest must record the same model."""
     from ditrt.contracts.groups import read_artifact
@@ -149,7 +149,7 @@ def open_onnxruntime(artifact, *, device: str = "cpu"):
     if kind != "onnx":
         raise ArtifactError(f"{artifact} lists TensorRT engines, not ONNX graphs; sample it with the TensorRT backend")
     providers = ["CUDAExecutionProvider"] if str(device).startswith("cuda") else None
-    sessions = [OnnxRuntimeDenoiser(f, providers=providers) for f in files]
+    sessions = [OnnxRuntimeDenoiser(f, providers=providers, threads=threads) for f in files]
     configs = [graph_config(s.metadata, s.path) for s in sessions]
     if any(c != configs[0] for c in configs):
         raise ArtifactError(f"the graphs of {artifact} record different model configs; re-export them together with `ditrt export`")

@@ -120,7 +120,8 @@ def artifact_backend(artifact) -> str:
     return "torch"
 
 
-def open_denoiser(artifact, *, model=None, onnx=None, device: str | None = None, config_name: str | None = None) -> OpenDenoiser:
+def open_denoiser(artifact, *, model=None, onnx=None, device: str | None = None, config_name: str | None = None,
+                  **backend_options) -> OpenDenoiser:
     """Open ``artifact`` with the backend it calls for (see the module doc).
 
     ``model``: the float checkpoint (path, "builtin" or a loaded DiT) a recipe folder is checked
@@ -128,7 +129,8 @@ def open_denoiser(artifact, *, model=None, onnx=None, device: str | None = None,
     manifest) an engine was built from, to refuse a stale engine. ``device``: None is the backend's
     default (the CPU; CUDA for TensorRT). ``config_name``: a named DiTConfig
     for a checkpoint that does not record one. An option the artifact's backend would ignore is a
-    :class:`ConfigError`."""
+    :class:`ConfigError`. ``backend_options`` go to the backend's factory as they are (ONNX Runtime:
+    ``threads``; TensorRT: ``use_cuda_graph``; torch: ``dtype``), for callers that know the backend."""
     backend = BACKENDS[artifact_backend(artifact)]
     given = {"model": model, "onnx": onnx, "config_name": config_name}
     for name, value in given.items():
@@ -137,4 +139,4 @@ def open_denoiser(artifact, *, model=None, onnx=None, device: str | None = None,
     options = {k: v for k, v in given.items() if k in backend.options}
     if device is not None:
         options["device"] = str(device)
-    return backend.load()(artifact, **options)
+    return backend.load()(artifact, **options, **backend_options)

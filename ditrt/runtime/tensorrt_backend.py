@@ -255,7 +255,7 @@ def engine_config(sidecar, engine_path):
         raise ArtifactError(f"engine {engine_path} has an unreadable model config ({e}); rebuild it with `ditrt build`") from None
 
 
-def open_tensorrt(artifact, *, device: str = "cuda", onnx=None):
+def open_tensorrt(artifact, *, device: str = "cuda", onnx=None, use_cuda_graph: bool = False):
     """:class:`~ditrt.runtime.open.OpenDenoiser` for an engine or engine manifest; with ``onnx`` (a
     graph or graph manifest) each engine is checked against the graph it was built from."""
     from ditrt.contracts.groups import read_artifact
@@ -275,7 +275,7 @@ def open_tensorrt(artifact, *, device: str = "cuda", onnx=None):
     runners = []
     try:
         for e, g in zip(engines, graphs):
-            runners.append(TensorRTDenoiser(e, device=device, onnx_path=g))
+            runners.append(TensorRTDenoiser(e, device=device, onnx_path=g, use_cuda_graph=use_cuda_graph))
         configs = [engine_config(r.sidecar, r.engine_path) for r in runners]
         if any(c != configs[0] for c in configs):
             raise ArtifactError(f"the engines of {artifact} record different model configs; rebuild them with `ditrt build`")

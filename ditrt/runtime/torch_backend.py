@@ -21,7 +21,7 @@ class TorchDenoiser:
             return self.model(x.to(self.device, self.dtype), t.to(self.device), y.to(self.device)).float()
 
 
-def open_torch(artifact, *, device: str = "cpu", model=None, config_name: str | None = None):
+def open_torch(artifact, *, device: str = "cpu", model=None, config_name: str | None = None, dtype: torch.dtype = torch.float32):
     """:class:`~ditrt.runtime.open.OpenDenoiser` for a checkpoint (the float model) or a recipe folder
     (the simulated quantized model, built from the recipe alone or checked against ``model``)."""
     from ditrt.runtime.open import OpenDenoiser, is_recipe_folder
@@ -34,7 +34,7 @@ def open_torch(artifact, *, device: str = "cpu", model=None, config_name: str | 
         if model is not None:
             raise ConfigError(f"{artifact} is a checkpoint: sample it directly, or pass it as --model only beside a --recipe")
         net, precision = _checkpoint_model(artifact, config_name), "fp32"
-    return OpenDenoiser(TorchDenoiser(net, device=device), net.config, "torch", str(artifact), precision, model=net)
+    return OpenDenoiser(TorchDenoiser(net, device=device, dtype=dtype), net.config, "torch", str(artifact), precision, model=net)
 
 
 def _checkpoint_model(spec, config_name: str | None):
