@@ -16,6 +16,7 @@ from pathlib import Path
 from ditrt.contracts.errors import ArtifactError, ConfigError, MissingDependencyError
 from ditrt.contracts.files import atomic_write, onnx_sha256
 from ditrt.contracts.groups import group_file, manifest_path, read_manifest, write_manifest
+from ditrt.contracts.precisions import PRECISIONS, get_precision
 from ditrt.contracts.profile import BuildConfig, ShapeRange, profile_shapes, profile_to_dict
 from ditrt.contracts.sidecar import make_sidecar, save_sidecar, sidecar_path
 from ditrt.engines.onnx_info import read_onnx
@@ -89,17 +90,12 @@ def tensorrt_available(*, builder: bool = True) -> tuple[bool, str]:
     return True, f"TensorRT {trt.__version__} on {name} (sm_{capability[0]}{capability[1]})"
 
 
-def check_buildable(onnx_path, precision: str | None, metadata: dict) -> None:
-    """Refuse, before TensorRT is touched, a graph whose precision TensorRT has no kernels for."""
-    if precision == "w4a8":
-        raise ConfigError(
-            f"{onnx_path} is w4a8 (INT4 weights, INT8 activations), which is no TensorRT format: export w8a8 or w4a16 to build an engine"
-        )
-    if precision == "w4a16" and metadata.get("ditrt.dtype") == "fp32":
-        raise ConfigError(
-            f"{onnx_path} is w4a16 with float32 activations, but TensorRT runs INT4 weight-only GEMMs on float16/bfloat16 "
-            "activations only: re-export with `ditrt export --dtype fp16`"
-        )
+def check_buildable(onnx_path, precision: str | None, dtype: str | None) -> None:
+    """Refuse, before TensorRT is touched, a graph whose precision TensorRT has no kernels for, as the
+    precision registry says (:meth:`Precision.check_buildable`); ``dtype``: the graph's float type
+    ("fp32", "fp16"). Float graphs ("fp32", "fp16", ...) have no registry entry and always build."""
+    if precision in PRECISIONS:
+        get_precision(precision).check_buildable(dtype, onnx_path)
 
 
 def polygraphy_profile(shapes: dict[str, ShapeRange]):
@@ -154,7 +150,7 @@ def engine_from_onnx(onnx_path: Path, out_path: Path, config: BuildConfig | None
     if onnx_path.resolve() in (out_path.resolve(), sidecar_path(out_path).resolve()):
         raise ConfigError(f"--out {out_path} would overwrite the ONNX; name the engine e.g. {onnx_path.with_suffix('.plan')}")
     summary = read_onnx(onnx_path)
-    check_buildable(onnx_path, summary.precision, summary.metadata)
+    check_buildable(onnx_path, summary.precision, summary.dtype)
     trt = import_tensorrt(builder=True)
     device = require_cuda_gpu()
     shapes = profile_shapes(summary.inputs, config)

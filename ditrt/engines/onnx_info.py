@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ditrt.contracts.files import external_locations, load_onnx_graph
+from ditrt.contracts.precisions import FORMATS, PRECISIONS
 
 #: metadata_props keys that may name the precision, most specific first (ditrt export writes the first).
 PRECISION_KEYS = ("ditrt.precision", "ditrt.recipe.precision", "precision")
@@ -20,7 +21,7 @@ PRECISION_KEYS = ("ditrt.precision", "ditrt.recipe.precision", "precision")
 class OnnxSummary:
     """Inputs as ``name -> shape`` (ints, or str/None for dynamic axes), ``ditrt.*`` metadata, and
     the precision: from metadata when recorded (``precision_source="metadata"``), else inferred
-    from the graph's Q/DQ nodes and initializer dtypes (``"inferred"``)."""
+    from the graph's Q/DQ nodes and initializer dtypes (``"inferred"``); likewise ``dtype``."""
 
     inputs: dict[str, tuple]
     input_dtypes: dict[str, str]
@@ -29,6 +30,7 @@ class OnnxSummary:
     precision: str | None = None
     precision_source: str | None = None
     external_data: tuple[str, ...] = ()
+    dtype: str | None = None  # the float type it computes in ("fp32", "fp16", "bf16"): ``ditrt.dtype``, else inferred
 
 
 def _dims(value_info) -> tuple:
@@ -39,22 +41,56 @@ def _dims(value_info) -> tuple:
 
 
 def infer_precision(model) -> str:
-    """The precision a graph deploys at, from its nodes and initializers.
+    """The precision a graph deploys at, from its nodes and initializers, as a registry name.
 
-    INT4 weights -> ``w4a16`` (``w4a8`` if activations are quantized too), INT8 Q/DQ -> ``w8a8``,
-    FP8 -> ``fp8``, otherwise the float type of the weights (``fp16``, ``bf16``, ``fp32``)."""
+    The integer weight format (INT4 or INT8 initializers behind a DequantizeLinear) and the
+    activation format (the integer type a QuantizeLinear produces, none without one) name the
+    registered precision with those formats (:data:`ditrt.contracts.precisions.PRECISIONS`: INT4
+    weights -> ``w4a16``, ``w4a8`` with INT8 activations; INT8 with INT8 activations -> ``w8a8``),
+    else ``w<bits>a<bits>`` (``a16``: float activations). Without integer weights: ``fp8`` for FP8
+    initializers, otherwise the graph's float type (:func:`infer_dtype`)."""
     from onnx import TensorProto
 
     init_types = {t.data_type for t in model.graph.initializer}
     ops = {n.op_type for n in model.graph.node}
-    int4 = bool(init_types & {TensorProto.INT4, TensorProto.UINT4})
-    quantizes = "QuantizeLinear" in ops
-    if int4:
-        return "w4a8" if quantizes else "w4a16"
-    if init_types & {TensorProto.INT8, TensorProto.UINT8} and "DequantizeLinear" in ops:
-        return "w8a8"
+    weight = next((f for f, types in _INT_FORMATS.items() if init_types & {getattr(TensorProto, t) for t in types}), None)
+    if weight is not None and "DequantizeLinear" in ops:
+        return _precision_named(weight, _activation_format(model))
     if init_types & {TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2}:
         return "fp8"
+    return infer_dtype(model)
+
+
+#: Registry number formats (:data:`ditrt.contracts.precisions.FORMATS`) -> their ONNX element types, widest last.
+_INT_FORMATS = {"int4": ("INT4", "UINT4"), "int8": ("INT8", "UINT8")}
+
+
+def _activation_format(model) -> str | None:
+    """The number format of the graph's activation QuantizeLinear outputs (their zero point's type), None without any."""
+    from onnx import TensorProto
+
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear":
+            zp_type = types.get(n.input[2]) if len(n.input) > 2 and n.input[2] else TensorProto.UINT8  # ONNX's default
+            name = TensorProto.DataType.Name(zp_type) if zp_type is not None else "INT8"
+            return next((f for f, names in _INT_FORMATS.items() if name in names), name.lower())
+    return None
+
+
+def _precision_named(weight_format: str, act_format: str | None) -> str:
+    match = next((p.name for p in PRECISIONS.values() if (p.weight_format, p.act_format) == (weight_format, act_format)), None)
+    if match is not None:
+        return match
+    bits = lambda f: FORMATS[f].bits if f in FORMATS else f  # noqa: E731
+    return f"w{bits(weight_format)}a{16 if act_format is None else bits(act_format)}"
+
+
+def infer_dtype(model) -> str:
+    """The float type a graph computes in, from its initializers: ``fp16``, ``bf16``, else ``fp32``."""
+    from onnx import TensorProto
+
+    init_types = {t.data_type for t in model.graph.initializer}
     if TensorProto.FLOAT16 in init_types:
         return "fp16"
     if TensorProto.BFLOAT16 in init_types:
@@ -80,4 +116,5 @@ def read_onnx(path: Path) -> OnnxSummary:
         precision=precision or infer_precision(model),
         precision_source=source,
         external_data=external_locations(model),
+        dtype=metadata.get("ditrt.dtype") or infer_dtype(model),
     )

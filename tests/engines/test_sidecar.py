@@ -151,10 +151,42 @@ def test_save_is_atomic_and_leaves_no_temp_files(built, tmp_path):
 
 
 # ------------------------------------------------------------------ precision and hashes of the ONNX
-@pytest.mark.parametrize("weight_dtype, expected", [("fp32", "fp32"), ("fp16", "fp16"), ("int8", "w8a8"), ("int4", "w4a16")])
-def test_precision_inferred_from_the_graph(tmp_path, weight_dtype, expected):
-    s = read_onnx(write_tiny_onnx(tmp_path / "m.onnx", weight_dtype=weight_dtype))
+def _with_activation_qdq(path):
+    """The graph at ``path`` with an INT8 Q -> DQ (zero point 0) on ``x`` in front of its Mul."""
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(path))
+    m.graph.initializer.extend([numpy_helper.from_array(np.float32(0.05), "xs"), numpy_helper.from_array(np.int8(0), "xzp")])
+    mul = next(n for n in m.graph.node if n.op_type == "Mul")
+    qdq = [helper.make_node("QuantizeLinear", ["x", "xs", "xzp"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "xs", "xzp"], ["xdq"])]
+    mul.input[0] = "xdq"
+    nodes = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(qdq + nodes)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "weight_dtype, activations, expected",
+    [("fp32", False, "fp32"), ("fp16", False, "fp16"), ("int8", True, "w8a8"), ("int4", False, "w4a16"), ("int4", True, "w4a8"),
+     ("int8", False, "w8a16")],  # weight-only INT8 is no registered precision: named by its formats, not called w8a8
+)  # fmt: skip
+def test_precision_inferred_from_the_graph_is_the_registry_name_of_its_formats(tmp_path, weight_dtype, activations, expected):
+    from ditrt.contracts.precisions import PRECISIONS
+
+    path = write_tiny_onnx(tmp_path / "m.onnx", weight_dtype=weight_dtype)
+    s = read_onnx(_with_activation_qdq(path) if activations else path)
     assert (s.precision, s.precision_source) == (expected, "inferred")
+    if weight_dtype in ("int8", "int4") and expected != "w8a16":
+        assert expected in PRECISIONS
+    assert s.dtype == ("fp16" if weight_dtype == "fp16" else "fp32")  # inferred too: no ditrt.dtype recorded
+
+
+def test_dtype_from_metadata_wins(tmp_path):
+    s = read_onnx(write_tiny_onnx(tmp_path / "m.onnx", weight_dtype="int4", metadata={"ditrt.dtype": "fp16"}))
+    assert (s.precision, s.dtype) == ("w4a16", "fp16")
 
 
 def test_precision_from_metadata_wins(tmp_path):
@@ -187,3 +219,36 @@ def test_onnx_hash_covers_external_data(tmp_path):
     data.unlink()
     with pytest.raises(ArtifactError, match="external data file"):
         onnx_sha256(path)
+
+
+# ------------------------------------------------------------------ what TensorRT can build: the precision registry decides
+def test_buildability_is_read_from_the_precision_registry(tmp_path, monkeypatch):
+    import dataclasses
+
+    from ditrt.contracts import precisions
+    from ditrt.contracts.errors import ConfigError
+    from ditrt.engines.build import check_buildable
+
+    for float_graph in ("fp32", "fp16"):  # no registry entry: always buildable
+        check_buildable("m.onnx", float_graph, float_graph)
+    check_buildable("m.onnx", "w8a8", "fp32")
+    check_buildable("m.onnx", "w4a16", "fp16")
+    with pytest.raises(ConfigError, match="m.onnx is w4a8: INT4 weights with INT8 activations is no TensorRT format"):
+        check_buildable("m.onnx", "w4a8", "fp32")
+    with pytest.raises(ConfigError, match="w4a16 with fp32 activations.*`ditrt export --dtype fp16`"):
+        check_buildable("m.onnx", "w4a16", "fp32")
+    entry = dataclasses.replace(precisions.PRECISIONS["w8a8"], export_dtypes=("fp16",))
+    monkeypatch.setitem(precisions.PRECISIONS, "w8a8", entry)
+    with pytest.raises(ConfigError, match="w8a8 with fp32 activations"):
+        check_buildable("m.onnx", "w8a8", "fp32")
+
+
+def test_a_foreign_w4a16_graph_without_dtype_metadata_is_refused_before_tensorrt(tmp_path):
+    """No ditrt.dtype: the float type is read from the graph (float32 scales), and float32 INT4 does not build."""
+    from ditrt.contracts.errors import ConfigError
+    from ditrt.engines.build import engine_from_onnx
+
+    graph = write_tiny_onnx(tmp_path / "q.onnx", weight_dtype="int4")
+    with pytest.raises(ConfigError, match="w4a16 with fp32 activations"):
+        engine_from_onnx(graph, tmp_path / "q.plan")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]
