@@ -7,7 +7,9 @@ heavy optional imports happen inside the commands so ``ditrt --help`` works anyw
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+from contextlib import contextmanager
 
 import click
 
@@ -15,16 +17,57 @@ from ditrt import __version__
 from ditrt.contracts.errors import DitrtError
 
 
+class _Interrupt:
+    """The SIGINT handler a command runs under: the first Ctrl-C raises KeyboardInterrupt, repeats are
+    ignored so that the cleanup (temp files, a partial output folder) finishes; the command then exits
+    130 with one line. Whatever exception surfaces after the first Ctrl-C (a library may wrap the
+    KeyboardInterrupt in its own error) is the interrupt, never a traceback."""
+
+    def __init__(self):
+        self.fired = False
+
+    def __call__(self, signum, frame):
+        if not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self):
+        try:
+            previous = signal.signal(signal.SIGINT, self)
+        except ValueError:  # not the main thread: leave signals alone
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            if not self.fired:  # after a Ctrl-C the process is exiting with Ctrl-C ignored
+                signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting adds nothing
+    click.echo("ditrt: interrupted", err=True)
+    sys.exit(130)
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except DitrtError as e:
-            click.echo(f"ditrt: error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("ditrt: interrupted", err=True)
-            sys.exit(130)
+        interrupt = _Interrupt()
+        with interrupt.installed():
+            try:
+                return super().invoke(ctx)
+            except KeyboardInterrupt:
+                _interrupted()
+            except DitrtError as e:
+                if interrupt.fired:
+                    _interrupted()
+                click.echo(f"ditrt: error: {e}", err=True)
+                sys.exit(e.exit_code)
+            except Exception:
+                if interrupt.fired:
+                    _interrupted()
+                raise
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,55 +9,93 @@ from pathlib import Path
 import click
 
 from ditrt.cli import main
-from ditrt.cli.options import model_option
+from ditrt.cli.options import device_option, emit_json, json_option, model_option, out_file_option, say
 
 
 @main.command()
 @model_option
-@click.option("--recipe", "recipe_dir", type=click.Path(path_type=Path), default=None, help="Recipe folder: export Q/DQ (w8a8, w4a16).")
+@click.option("--recipe", "recipe_dir", type=click.Path(path_type=Path), default=None,
+              help="Recipe folder from `ditrt calibrate`: export its quantized layers as Q/DQ (w8a8, w4a16).")  # fmt: skip
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16: float16 weights and activations, LayerNorm in float32 (for TensorRT).")  # fmt: skip
 @click.option("--opset", type=int, default=None, help="ONNX opset [default: 21].")
-@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="The .onnx file to write.")
-def export(model_spec, recipe_dir, dtype, opset, out_path):
+@device_option
+@json_option
+@out_file_option("the .onnx graph to write (a recipe with timestep groups also writes OUT stem.g<i>.onnx and OUT stem.groups.json)")
+def export(model_spec, recipe_dir, dtype, opset, device, as_json, out_path):
     """Export a model (float, or quantized by a recipe) to ONNX with a dynamic batch."""
-    from ditrt.contracts.files import state_dict_hash
+    from ditrt.contracts.files import check_writable, state_dict_hash
     from ditrt.contracts.groups import group_graph_path
+    from ditrt.contracts.precisions import get_precision
     from ditrt.contracts.recipe import check_recipe_matches, load_recipe
     from ditrt.export import check_onnx, export_onnx
     from ditrt.export.onnx_export import export_timestep_groups
     from ditrt.models.builtin import load_model
 
-    model = load_model(model_spec)
+    echo = say(as_json)
+    _export_device(device)
+    check_writable(out_path)
     recipe = tensors = None
     if recipe_dir is not None:
         recipe, tensors = load_recipe(recipe_dir)
+    model = load_model(model_spec)
+    if recipe is not None:
         check_recipe_matches(recipe, state_dict_hash(model), str(model_spec))
     start = time.time()
     what = f"{recipe.method} {recipe.precision}" if recipe else "float"
+    manifest = None
     if recipe is not None and recipe.act_bits and recipe.timestep_groups > 1:
         manifest = export_timestep_groups(model, out_path, recipe=recipe, tensors=tensors, dtype=dtype, opset=opset)
         paths = [group_graph_path(out_path, g) for g in range(recipe.timestep_groups)]
-        click.echo(f"wrote {manifest} ({recipe.timestep_groups} timestep groups, edges {list(recipe.timestep_group_edges)}): "
-                   "pass it as --onnx to sample with ONNX Runtime or to `ditrt build`")  # fmt: skip
+        echo(f"wrote {manifest} ({recipe.timestep_groups} timestep groups, edges {list(recipe.timestep_group_edges)}): "
+             "pass it to `ditrt sample` or to `ditrt build --onnx`")  # fmt: skip
     else:
         paths = [export_onnx(model, out_path, dtype=dtype, opset=opset, recipe=recipe, tensors=tensors)]
+    graphs = []
     for path in paths:
         violations = check_onnx(path)
-        click.echo(f"wrote {path} ({what}, {dtype}, {path.stat().st_size / 1e6:.2f} MB, {time.time() - start:.1f} s); "
-                   f"ditrt check: {'no violations' if not violations else f'{len(violations)} violations (run ditrt check)'}")  # fmt: skip
-    if recipe is not None and recipe.precision == "w4a16" and dtype == "fp32":
-        click.echo("note: a float32 w4a16 graph runs in ONNX Runtime; TensorRT runs INT4 weight-only GEMMs on float16 "
-                   "activations only, so export with --dtype fp16 to build an engine")  # fmt: skip
+        graphs.append({"path": str(path), "size_bytes": path.stat().st_size, **_check_result(path, violations)})
+        echo(f"wrote {path} ({what}, {dtype}, {path.stat().st_size / 1e6:.2f} MB, {time.time() - start:.1f} s); "
+             f"ditrt check: {'no violations' if not violations else f'{len(violations)} violations (run ditrt check)'}")  # fmt: skip
+    note = None
+    if recipe is not None:
+        p = get_precision(recipe.precision)
+        if p.tensorrt and dtype not in p.export_dtypes:
+            note = (f"a {dtype} {p.name} graph runs in ONNX Runtime; TensorRT builds {p.name} from "
+                    f"{' or '.join(p.export_dtypes)} graphs only, so export with --dtype {p.export_dtypes[0]} to build an engine")  # fmt: skip
+            echo(f"note: {note}")
+    if as_json:
+        emit_json({"manifest": str(manifest) if manifest else None, "graphs": graphs, "what": what, "dtype": dtype,
+                   "seconds": round(time.time() - start, 3), "note": note})  # fmt: skip
+
+
+def _export_device(device: str) -> None:
+    """Export traces on the CPU (the graph does not depend on where it was traced): cuda is refused, not ignored."""
+    from ditrt.cli.options import is_cuda_device, resolve_device
+    from ditrt.contracts.errors import ConfigError
+
+    if device in ("auto", "cpu"):
+        return
+    if not is_cuda_device(device):
+        resolve_device(device)  # an invalid value gets the usual message
+    raise ConfigError(f"ditrt export traces on the CPU only (the graph is the same wherever it is traced); drop --device {device}")
+
+
+def _check_result(path: Path, violations) -> dict:
+    return {"violations": [{"node": v.node, "rule": v.rule, "message": v.message} for v in violations], "passed": not violations}
 
 
 @main.command()
 @click.argument("onnx_path", type=click.Path(path_type=Path))
-def check(onnx_path):
+@json_option
+def check(onnx_path, as_json):
     """onnx.checker plus TensorRT's strong-typing and Q/DQ rules; exit 1 on any violation."""
     from ditrt.export import check_onnx
 
     violations = check_onnx(onnx_path)
+    if as_json:
+        emit_json({"path": str(onnx_path), **_check_result(onnx_path, violations)})
+        sys.exit(1 if violations else 0)
     for v in violations:
         click.echo(str(v))
     if violations:
