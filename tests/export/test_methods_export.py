@@ -6,6 +6,7 @@ activations, whose rounding flips cascade)."""
 import pytest
 import torch
 
+from ditrt.calibrate.methods import QDiTSettings
 from ditrt.calibrate.ptq import CalibrateConfig, calibrate, group_batches
 from ditrt.contracts.errors import ConfigError, InputError
 from ditrt.export import check_onnx, export_onnx
@@ -22,7 +23,7 @@ BOUND = {"w8a8": 2e-2, "w4a16": 1e-3}
 CASES = {
     "ditas-w8a8": dict(method="ditas", precision="w8a8"),
     "ditas-w4a16": dict(method="ditas", precision="w4a16"),
-    "qdit-w4a16": dict(method="qdit", precision="w4a16", qdit_fitness="proxy", qdit_budget=70.0),
+    "qdit-w4a16": dict(method="qdit", precision="w4a16", method_settings=QDiTSettings(fitness="proxy", budget=70.0)),
     "ptq4dit-recon-w8a8": dict(method="ptq4dit", precision="w8a8", reconstruct=True, reconstruct_iters=20),
     "minmax-recon-w4a16": dict(method="minmax", precision="w4a16", reconstruct=True, reconstruct_iters=20),
 }
