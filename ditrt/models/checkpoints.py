@@ -181,8 +181,8 @@ def infer_official_config(
         learn_sigma=out_ch == 2 * in_ch,
     )
     if guesses:
-        log.warning("%s has no config: assumed %s; pass --config NAME, --num-heads N or --num-classes N if that is wrong",
-                    source, " and ".join(guesses))  # fmt: skip
+        log.warning("%s records no config; assumed from its shapes: %s. Pass --config NAME, --num-heads N or --num-classes N "
+                    "if that is wrong", source, "; ".join(guesses))  # fmt: skip
     return class_rows_config(cfg, rows, source, say=not classes_guessed)
 
 
