@@ -1,7 +1,15 @@
 """The one-shot job: calibrate -> export -> check -> build (TensorRT, when present) -> sample float
 and quantized with the same seeds -> evaluate -> compare, into one report.
 
-Without TensorRT and a GPU the same quantized ONNX graph runs in ONNX Runtime (said once).
+Every option is validated (:meth:`PipelineConfig.validate`, then the model-dependent checks right
+after loading) before calibration starts. The graph that is checked is the graph that runs: when
+TensorRT builds, the graph is exported in the float type the precision registry says TensorRT builds
+that precision from (:attr:`ditrt.contracts.precisions.Precision.export_dtypes`), checked, and the
+engine is built from that file; without TensorRT and a GPU the checked graph runs in ONNX Runtime
+(said once). The quantized denoiser is opened with :func:`ditrt.runtime.open.open_denoiser`.
+
+A run that fails or is interrupted leaves nothing: an output folder it created is removed, and in a
+folder that existed only the files it wrote are removed (the report is written last, atomically).
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -19,96 +28,230 @@ import numpy as np
 import torch
 
 from ditrt import __version__
-from ditrt.contracts.recipe import CalibrationSettings
+from ditrt.calibrate.config import CalibrateConfig
+from ditrt.contracts.errors import ConfigError, MissingDependencyError
 
 log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime")
+DIGITS_SHAPE = (1, 8, 8)  # what the built-in evaluator (FD, class accuracy) measures
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    method: str = "ptq4dit"
-    precision: str = "w8a8"
+    """``calibrate``: how to calibrate (its ``calibration`` settings record the inputs). ``steps``,
+    ``cfg_scale``, ``num``, ``seed``, ``classes``, ``batch_size`` (images per sampler call): the
+    sampling run of both models. ``backend``: auto (TensorRT when it and a GPU are present and
+    ``device`` is cuda, else ONNX Runtime), tensorrt or onnxruntime. ``vae``: a diffusers
+    AutoencoderKL folder that decodes a latent model's samples before they are evaluated."""
+
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     steps: str = "250"
     cfg_scale: float = 1.5
     num: int = 100
     seed: int = 0
     classes: tuple[int, ...] | None = None
-    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
-    backend: str = "auto"  # auto: TensorRT when available, else ONNX Runtime
+    batch_size: int = 256
+    backend: str = "auto"
     device: str = "cpu"
+    vae: str | None = None
+
+    def validate(self) -> None:
+        """Refuse, before any model is loaded, every option that would fail later (a :class:`ConfigError`)."""
+        from ditrt.contracts.precisions import get_precision
+        from ditrt.diffusion.sampler import SamplerConfig
+        from ditrt.diffusion.schedule import make_schedule
+
+        if self.num <= 0:
+            raise ConfigError(f"--num must be positive, got {self.num}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"--batch-size must be a positive number of images, got {self.batch_size}")
+        try:
+            make_schedule(str(self.steps))
+        except ConfigError as e:
+            raise ConfigError(f"--steps: {e}") from None
+        SamplerConfig(steps=str(self.steps), cfg_scale=self.cfg_scale)
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        c, p = self.calibrate, get_precision(self.calibrate.precision)
+        if not p.tensorrt:
+            raise ConfigError(f"{p.name} is a simulation-only precision and cannot be exported: {p.why_not_tensorrt}")
+        simulation_only = [flag for flag, on in (("--asymmetric", not c.symmetric), ("--dynamic-activations", c.dynamic_activations)) if on]
+        if simulation_only:
+            raise ConfigError(f"{' and '.join(simulation_only)}: simulation only (TensorRT cannot run it), so the pipeline cannot export it; drop it")
+        if self.vae is not None and not (Path(self.vae) / "config.json").is_file():
+            raise ConfigError(f"--vae {self.vae} is not a diffusers AutoencoderKL folder (no config.json); pass e.g. a local sd-vae-ft-ema copy")
 
 
-def run_pipeline(model_spec: str, config: PipelineConfig, out_dir: Path, *, echo: Callable[[str], None] = print) -> dict:
+def quantized_backend(config: PipelineConfig) -> tuple[str, str]:
+    """``(backend, why)`` for the quantized graph, decided before any work: "tensorrt" or "onnxruntime"."""
+    from ditrt.engines.build import tensorrt_available
+
+    if config.backend == "onnxruntime":
+        return "onnxruntime", "--backend onnxruntime"
+    ok, reason = tensorrt_available()
+    if ok and not str(config.device).startswith("cuda"):
+        ok, reason = False, f"TensorRT runs on a GPU and --device is {config.device}"
+    if ok:
+        return "tensorrt", "TensorRT and a GPU are present"
+    if config.backend == "tensorrt":
+        raise MissingDependencyError(f"--backend tensorrt needs TensorRT and a GPU: {reason}")
+    return "onnxruntime", reason
+
+
+def engine_dtype(precision: str) -> str:
+    """The float type TensorRT builds ``precision`` from (the registry's export dtypes; float16 where allowed, TensorRT's fast path)."""
+    from ditrt.contracts.precisions import get_precision
+
+    dtypes = get_precision(precision).export_dtypes
+    return "fp16" if "fp16" in dtypes else dtypes[0]
+
+
+def run_pipeline(model_spec, config: PipelineConfig, out_dir: Path, *, echo: Callable[[str], None] = print) -> dict:
     """Run every stage; returns the report dict (also written as OUT/report.json and report.md)."""
-    from ditrt.calibrate.ptq import CalibrateConfig, calibrate
+    config.validate()
+    backend, why = quantized_backend(config)
+    from ditrt.contracts.files import check_writable
+
+    out_dir = check_writable(Path(out_dir), folder=True)
+    with _output_folder(out_dir):
+        return _run(model_spec, config, backend, why, out_dir, echo)
+
+
+def _run(model_spec, config: PipelineConfig, backend: str, why: str, out_dir: Path, echo) -> dict:
+    from ditrt.calibrate.ptq import calibrate
+    from ditrt.contracts.precisions import get_precision
     from ditrt.contracts.recipe import save_recipe
     from ditrt.diffusion.recording import record_calibration_inputs
-    from ditrt.diffusion.sample_set import SampleSet, default_labels
+    from ditrt.diffusion.sample_set import default_labels
     from ditrt.models.builtin import is_pixel_model, load_model
-    from ditrt.models.quantized import quantized_model
+    from ditrt.runtime.open import open_denoiser
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     clock = _Clock(timings)
+    c = config.calibrate
     report: dict = {"ditrt_version": __version__, "model": str(model_spec), "config": _jsonable(asdict(config)),
-                    "machine": f"{platform.machine()}, torch {torch.__version__}"}  # fmt: skip
+                    "machine": f"{platform.machine()}, torch {torch.__version__}", "files": []}  # fmt: skip
 
     with clock("load"):
         model = load_model(model_spec)
-    pixel = is_pixel_model(model)
-    cfg = model.config
-    report["model_config"] = cfg.to_dict()
-
-    echo(f"[1/6] calibrating {config.method} {config.precision} on {config.calibration.timesteps} steps x {config.calibration.samples} samples")
-    with clock("calibrate"):
-        batches = record_calibration_inputs(model, config.calibration, device=config.device, pixel_space=pixel, progress=True)
-        recipe, tensors = calibrate(model, CalibrateConfig(method=config.method, precision=config.precision, calibration=config.calibration), batches)
-        save_recipe(recipe, tensors, out_dir / "recipe")
-    report["recipe"] = {"method": recipe.method, "precision": recipe.precision, "layers": len(recipe.layers),
-                        "balanced_layers": len(recipe.balanced_layers), "notes": list(recipe.notes), "deployable": recipe.deployable}  # fmt: skip
-    if not recipe.deployable:
-        from ditrt.contracts.errors import ConfigError
-
-        raise ConfigError(f"{config.precision} is a simulation-only precision and cannot be exported; use w8a8 or w4a16 for the pipeline")
-
-    echo("[2/6] exporting the quantized ONNX graph and checking it against the TensorRT rules")
-    onnx_path, violations = _export_and_check(model, recipe, tensors, out_dir, clock)
-    report["check"] = {"violations": [str(v) for v in violations], "passed": not violations}
-    report["sizes_bytes"] = {"onnx": onnx_path.stat().st_size, "recipe_weights": (out_dir / "recipe" / "weights.safetensors").stat().st_size}
-
-    denoiser, backend = _quantized_backend(model, recipe, tensors, onnx_path, out_dir, config, clock, echo, report)
-
+    pixel, cfg = is_pixel_model(model), model.config
     labels = default_labels(config.num, cfg.num_classes, list(config.classes) if config.classes else None)
-    seeds = [config.seed + i for i in range(config.num)]
-    echo(f"[4/6] sampling {config.num} images at {config.steps} steps, float (torch) and quantized ({backend}), same seeds")
-    with clock("sample_float"):
-        float_images = _sample(model, config, labels, seeds, pixel)
-    with clock("sample_quantized"):
-        quant_images = _sample(denoiser, config, labels, seeds, pixel, num_classes=cfg.num_classes, image_shape=_shape(cfg))
-    steps_run = len(_schedule_steps(config.steps)) * -(-config.num // 512)
-    timings["ms_per_step_float"] = 1000 * timings["sample_float"] / steps_run
-    timings["ms_per_step_quantized"] = 1000 * timings["sample_quantized"] / steps_run
-    settings = {"model": str(model_spec), "steps": config.steps, "cfg_scale": config.cfg_scale}
-    SampleSet(float_images, np.asarray(labels), np.asarray(seeds), "images" if pixel else "latents", {**settings, "backend": "torch"}).save(
-        out_dir / "float" / "samples.npz"
-    )
-    SampleSet(quant_images, np.asarray(labels), np.asarray(seeds), "images" if pixel else "latents", {**settings, "backend": backend}).save(
-        out_dir / "quantized" / "samples.npz"
-    )
+    if config.vae is not None and (pixel or cfg.in_channels != 4):
+        raise ConfigError(f"--vae decodes 4-channel latents, but {model_spec} makes {cfg.in_channels}-channel images; drop --vae")
+    report["model_config"] = cfg.to_dict()
+    dtype = engine_dtype(c.precision) if backend == "tensorrt" else "fp32"
+    files = _Files(out_dir, report["files"])
 
+    s = c.calibration
+    echo(f"[1/6] calibrating {c.method} {c.precision} on {s.timesteps} steps x {s.samples} samples of a {s.steps}-step run")
+    with clock("calibrate"):
+        model.to(config.device)
+        batches = record_calibration_inputs(model, s, device=config.device, pixel_space=pixel, progress=True)
+        recipe, tensors = calibrate(model, c, batches, device=config.device)
+        model.cpu()
+        files.add(save_recipe(recipe, tensors, out_dir / "recipe"))
+    report["recipe"] = {"method": recipe.method, "precision": recipe.precision, "layers": len(recipe.layers),
+                        "balanced_layers": len(recipe.balanced_layers), "notes": list(recipe.notes), "deployable": recipe.deployable,
+                        "timestep_groups": recipe.timestep_groups}  # fmt: skip
+    if not recipe.deployable:
+        raise ConfigError(f"the {c.method} {c.precision} recipe is simulation only (e.g. per-channel INT4 choices) and cannot be exported; "
+                          "use TensorRT's INT4 blocks (--qdit-choices 64,128)")  # fmt: skip
+
+    echo(f"[2/6] exporting the quantized {dtype} ONNX graph {backend} will run, and checking it against the TensorRT rules")
+    graph, graphs = _export(model, recipe, tensors, dtype, out_dir, clock)
+    files.add(graph, *graphs)
+    violations = _check(graphs, clock)
+    report["check"] = {"graphs": [p.name for p in graphs], "dtype": dtype, "violations": violations, "passed": not violations}
+    report["sizes_bytes"] = {"onnx": sum(_size(p) for p in graphs), "recipe_weights": (out_dir / "recipe" / "weights.safetensors").stat().st_size}
+
+    if backend == "tensorrt":
+        echo(f"[3/6] building the TensorRT engine from the checked {dtype} graph (strongly typed)")
+        with clock("build"):
+            artifact = _build(graph, out_dir, config, files)
+        report["sizes_bytes"]["engine"] = sum(_size(p) for p in files.engines)
+        opened = open_denoiser(artifact, onnx=graph, device=config.device)
+    else:
+        echo(f"[3/6] no TensorRT engine ({why.rstrip('.')}): running the checked graph with ONNX Runtime")
+        report["tensorrt"] = {"available": False, "reason": why}
+        opened = open_denoiser(graph, device=_onnxruntime_device(config.device))
+    report["quantized"] = {"backend": opened.backend, "artifact": Path(opened.source).name, "graph": graph.name, "dtype": dtype,
+                           "parity": asdict(get_precision(recipe.precision).parity)}  # fmt: skip
+    with opened:
+        _sample_evaluate_compare(model, recipe, tensors, opened, labels, pixel, config, out_dir, files, report, clock, echo)
+    report["timings_seconds"] = {k: round(v, 3) for k, v in timings.items()}
+    files.add(out_dir / "report.json", out_dir / "report.md")
+    _write_report(report, out_dir)
+    return report
+
+
+def _sample_evaluate_compare(model, recipe, tensors, opened, labels, pixel, config, out_dir, files, report, clock, echo) -> None:
+    from ditrt.diffusion.sample_set import SampleSet
+    from ditrt.models.quantized import quantized_model
+
+    cfg = model.config
+    seeds = [config.seed + i for i in range(config.num)]
+    batch = _batch_size(config, opened)
+    echo(f"[4/6] sampling {config.num} images at {config.steps} steps, float (torch) and quantized ({opened.backend}), same seeds")
+    with clock("sample_float"):
+        float_out = _sample(model.to(config.device), cfg, config, labels, seeds, pixel, batch, config.device)
+    model.cpu()
+    with clock("sample_quantized"):
+        quant_out = _sample(opened.denoiser, cfg, config, labels, seeds, pixel, batch, _quantized_device(opened, config))
+    _per_step_timings(report, clock.timings, config, batch)
+    settings = {"model": report["model"], "steps": config.steps, "cfg_scale": config.cfg_scale}
+    kind = "images" if pixel else "latents"
+    for name, data, backend in (("float", float_out, "torch"), ("quantized", quant_out, opened.backend)):
+        files.add(SampleSet(data, np.asarray(labels), np.asarray(seeds), kind, {**settings, "backend": backend}).save(out_dir / name / "samples.npz"))
+
+    float_images = quant_images = None
+    if pixel:
+        float_images, quant_images = float_out, quant_out
+    elif config.vae is not None:
+        from ditrt.runtime.vae import decode_latents
+
+        echo(f"decoding both sample sets with the VAE in {config.vae}")
+        with clock("decode"):
+            float_images = decode_latents(float_out, config.vae, device=config.device)
+            quant_images = decode_latents(quant_out, config.vae, device=config.device)
     echo("[5/6] evaluating")
     with clock("evaluate"):
-        report["quality"] = _evaluate(float_images, quant_images, labels, pixel)
-    if pixel:
-        _pictures(float_images, quant_images, labels, config, backend, out_dir)
+        report["quality"] = evaluate_pair(float_out, quant_out, float_images, quant_images, labels, pixel=pixel)
+    if float_images is not None:
+        _pictures(float_images, quant_images, labels, config, recipe, opened.backend, out_dir, files)
 
     echo("[6/6] comparing the quantized graph with the torch simulation of the recipe (Polygraphy)")
     with clock("compare"):
-        report["compare"] = _compare(model, quantized_model(model, recipe, tensors), recipe.precision, denoiser, backend, pixel, out_dir)
-    report["timings_seconds"] = {k: round(v, 3) for k, v in timings.items()}
-    _write_report(report, out_dir)
-    return report
+        report["compare"] = _compare(model, quantized_model(model, recipe, tensors), recipe.precision, opened, pixel, out_dir, files)
+
+
+def evaluate_pair(float_out, quant_out, float_images, quant_images, labels, *, pixel: bool) -> dict:
+    """What was measured on what: ``measured_on`` ("pixels", "decoded images" or "latents"), the paired
+    errors, the digits evaluator's FD and class accuracy where it applies, and ``absent``: why a metric is missing."""
+    from ditrt.quality import metrics
+
+    out: dict = {"absent": {}}
+    if float_images is None:
+        out["measured_on"] = "latents"
+        out["latent_rel_l2"] = metrics.relative_error(torch.from_numpy(float_out), torch.from_numpy(quant_out))
+        out["absent"]["psnr_db"] = "latents have no fixed value range; pass --vae DIR to measure PSNR on decoded images"
+    else:
+        out["measured_on"] = "pixels" if pixel else "decoded images"
+        out["psnr_db"] = metrics.paired_psnr(float_images, quant_images)
+        if not pixel:
+            out["latent_rel_l2"] = metrics.relative_error(torch.from_numpy(float_out), torch.from_numpy(quant_out))
+    if float_images is not None and tuple(np.asarray(float_images).shape[1:]) == DIGITS_SHAPE:
+        out.update(
+            fd_float=metrics.fd_to_real(float_images), fd_quantized=metrics.fd_to_real(quant_images), fd_floor=metrics.fd_floor(),
+            class_accuracy_float=metrics.class_accuracy(float_images, labels),
+            class_accuracy_quantized=metrics.class_accuracy(quant_images, labels),
+        )  # fmt: skip
+        out["fd_relative_change"] = (out["fd_quantized"] - out["fd_float"]) / out["fd_float"]
+    else:
+        what = "latents" if float_images is None else f"{tuple(np.asarray(float_images).shape[1:])} images"
+        reason = f"the built-in evaluator's classifier measures {DIGITS_SHAPE} digits, not {what}"
+        out["absent"].update(fd=reason, class_accuracy=reason)
+    return out
 
 
 class _Clock:
@@ -124,112 +267,160 @@ class _Clock:
         self.timings[name] = time.perf_counter() - start
 
 
+class _Files:
+    """The files the run wrote (paths relative to the output folder, for the report and the CLI)."""
+
+    def __init__(self, root: Path, names: list[str]):
+        self.root, self.names, self.engines = root, names, []
+
+    def add(self, *paths: Path) -> None:
+        for p in paths:
+            name = str(Path(p).relative_to(self.root)) + ("/" if Path(p).is_dir() else "")
+            if name not in self.names:
+                self.names.append(name)
+
+
+@contextmanager
+def _output_folder(out_dir: Path):
+    """Create ``out_dir`` for the run; on any failure (Ctrl-C included) remove what the run wrote:
+    the folder (and parents) it created, else the paths that were not there before."""
+    top = out_dir
+    while not top.parent.exists():
+        top = top.parent
+    created = not out_dir.exists()
+    if not created:
+        top = out_dir
+    before = set() if created else set(out_dir.rglob("*"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out_dir
+    except BaseException:
+        if created:
+            shutil.rmtree(top, ignore_errors=True)
+        else:
+            for p in sorted(set(out_dir.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        raise
+
+
 def _jsonable(d):
     return json.loads(json.dumps(d, default=str))
 
 
-def _shape(cfg):
-    return (cfg.in_channels, cfg.input_size, cfg.input_size)
+def _size(path: Path) -> int:
+    from ditrt.contracts.files import external_locations, load_onnx_graph
+
+    path = Path(path)
+    extra = external_locations(load_onnx_graph(path)) if path.suffix == ".onnx" else ()
+    return path.stat().st_size + sum((path.parent / e).stat().st_size for e in extra)
 
 
-def _schedule_steps(steps: str):
-    from ditrt.diffusion.schedule import make_schedule
+def _export(model, recipe, tensors, dtype: str, out_dir: Path, clock) -> tuple[Path, list[Path]]:
+    """``(artifact, graphs)``: one graph, or for a recipe with timestep groups the manifest and its graphs."""
+    from ditrt.contracts.groups import read_artifact
+    from ditrt.export import export_onnx
+    from ditrt.export.onnx_export import export_timestep_groups
 
-    return make_schedule(steps).timestep_map
-
-
-def _export_and_check(model, recipe, tensors, out_dir: Path, clock):
-    from ditrt.export import check_onnx, export_onnx
-
+    path = out_dir / ("model.onnx" if dtype == "fp32" else f"model-{dtype}.onnx")
     with clock("export"):
-        path = export_onnx(model, out_dir / "model.onnx", dtype="fp32", recipe=recipe, tensors=tensors)
+        if recipe.act_bits and recipe.timestep_groups > 1:
+            artifact = export_timestep_groups(model, path, recipe=recipe, tensors=tensors, dtype=dtype)
+        else:
+            artifact = export_onnx(model, path, dtype=dtype, recipe=recipe, tensors=tensors)
+    return artifact, read_artifact(artifact)[2]
+
+
+def _check(graphs: list[Path], clock) -> list[dict]:
+    from ditrt.export import check_onnx
+
     with clock("check"):
-        violations = check_onnx(path)
-    return path, violations
+        return [{"graph": g.name, "node": v.node, "rule": v.rule, "message": v.message} for g in graphs for v in check_onnx(g)]
 
 
-def _quantized_backend(model, recipe, tensors, onnx_path: Path, out_dir: Path, config: PipelineConfig, clock, echo, report):
-    from ditrt.engines.build import tensorrt_available
+def _build(graph: Path, out_dir: Path, config: PipelineConfig, files: _Files) -> Path:
+    from ditrt.contracts.groups import is_group_manifest, read_artifact
+    from ditrt.contracts.profile import BuildConfig
+    from ditrt.contracts.sidecar import sidecar_path
+    from ditrt.engines.build import engine_from_onnx, engines_from_manifest
 
-    ok, reason = tensorrt_available()
-    if config.backend in ("auto", "tensorrt") and ok:
-        from ditrt.contracts.profile import BuildConfig
-        from ditrt.engines.build import engine_from_onnx
-        from ditrt.export import export_onnx
-        from ditrt.runtime.tensorrt_backend import TensorRTDenoiser
-
-        echo("[3/6] building the TensorRT engine (strongly typed, float16 graph)")
-        with clock("build"):
-            fp16 = export_onnx(model, out_dir / "model-fp16.onnx", dtype="fp16", recipe=recipe, tensors=tensors)
-            plan = engine_from_onnx(fp16, out_dir / "model.plan", BuildConfig(batch_max=min(config.num, 256)))
-        report["sizes_bytes"]["engine"] = plan.stat().st_size
-        return TensorRTDenoiser(plan), "tensorrt"
-    if config.backend == "tensorrt":
-        from ditrt.contracts.errors import MissingDependencyError
-
-        raise MissingDependencyError(f"--backend tensorrt needs TensorRT and a GPU: {reason}")
-    from ditrt.runtime.onnxruntime_backend import OnnxRuntimeDenoiser
-
-    echo(f"[3/6] no TensorRT engine ({reason.rstrip('.')}): running the same graph with ONNX Runtime")
-    report["tensorrt"] = {"available": False, "reason": reason}
-    return OnnxRuntimeDenoiser(onnx_path), "onnxruntime"
+    build = BuildConfig(batch_max=min(config.num, config.batch_size), cfg=config.cfg_scale != 1.0)
+    if is_group_manifest(graph):
+        artifact = engines_from_manifest(graph, out_dir / "model.plan", build)
+    else:
+        artifact = engine_from_onnx(graph, out_dir / "model.plan", build)
+    engines = read_artifact(artifact)[2]
+    files.engines = engines
+    files.add(artifact, *engines, *(sidecar_path(e) for e in engines))
+    return artifact
 
 
-def _sample(denoiser, config: PipelineConfig, labels, seeds, pixel, *, num_classes=None, image_shape=None):
+def _onnxruntime_device(device: str) -> str:
+    """ONNX Runtime runs on the GPU only with its CUDA provider (onnxruntime-gpu); otherwise on the CPU."""
+    if not str(device).startswith("cuda"):
+        return "cpu"
+    import onnxruntime as ort
+
+    return device if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
+def _quantized_device(opened, config: PipelineConfig) -> str:
+    if opened.backend == "tensorrt":
+        return config.device
+    return _onnxruntime_device(config.device)
+
+
+def _batch_size(config: PipelineConfig, opened) -> int:
+    limit = opened.images_per_call(guided=config.cfg_scale != 1.0)
+    return min(config.batch_size, config.num, limit or config.num)
+
+
+def _sample(denoiser, cfg, config: PipelineConfig, labels, seeds, pixel, batch: int, device: str):
     from ditrt.diffusion.sample_set import generate
     from ditrt.diffusion.sampler import SamplerConfig
 
-    if num_classes is None:
-        num_classes, image_shape = denoiser.config.num_classes, _shape(denoiser.config)
     sampler = SamplerConfig(steps=config.steps, cfg_scale=config.cfg_scale, clip_denoised=pixel)
-    return generate(denoiser, sampler, labels, seeds, num_classes=num_classes, image_shape=image_shape, batch_size=512, progress=True)
+    return generate(denoiser, sampler, labels, seeds, num_classes=cfg.num_classes, image_shape=(cfg.in_channels, cfg.input_size, cfg.input_size),
+                    device=device, batch_size=batch, progress=True)  # fmt: skip
 
 
-def _evaluate(float_images, quant_images, labels, pixel) -> dict:
-    from ditrt.quality import metrics
+def _per_step_timings(report: dict, timings: dict, config: PipelineConfig, batch: int) -> None:
+    from ditrt.diffusion.schedule import make_schedule
 
-    out = {"psnr_db": metrics.paired_psnr(float_images, quant_images)}
-    if pixel:
-        out.update(
-            fd_float=metrics.fd_to_real(float_images), fd_quantized=metrics.fd_to_real(quant_images), fd_floor=metrics.fd_floor(),
-            class_accuracy_float=metrics.class_accuracy(float_images, labels),
-            class_accuracy_quantized=metrics.class_accuracy(quant_images, labels),
-        )  # fmt: skip
-        out["fd_relative_change"] = (out["fd_quantized"] - out["fd_float"]) / out["fd_float"]
-    return out
+    calls = make_schedule(config.steps).num_steps * -(-config.num // batch)
+    timings["ms_per_step_float"] = 1000 * timings["sample_float"] / calls
+    timings["ms_per_step_quantized"] = 1000 * timings["sample_quantized"] / calls
+    report["sampling"] = {"batch_images": batch, "network_batch": batch * (2 if config.cfg_scale != 1.0 else 1), "sampler_calls": calls}
 
 
-def _pictures(float_images, quant_images, labels, config, backend, out_dir: Path) -> None:
+def _pictures(float_images, quant_images, labels, config, recipe, backend, out_dir: Path, files: _Files) -> None:
     from ditrt.quality.images import sample_grid, save_png, side_by_side
 
     g_float = sample_grid(float_images, labels, title=f"float (torch), {config.steps} steps")
-    g_quant = sample_grid(quant_images, labels, title=f"{config.method} {config.precision} ({backend})")
-    save_png(g_float, out_dir / "float" / "samples.png")
-    save_png(g_quant, out_dir / "quantized" / "samples.png")
-    save_png(side_by_side([g_float, g_quant]), out_dir / "comparison.png")
+    g_quant = sample_grid(quant_images, labels, title=f"{recipe.method} {recipe.precision} ({backend})")
+    files.add(save_png(g_float, out_dir / "float" / "samples.png"), save_png(g_quant, out_dir / "quantized" / "samples.png"))
+    files.add(save_png(side_by_side([g_float, g_quant]), out_dir / "comparison.png"))
 
 
-def _compare(model, simulated, simulated_precision: str, denoiser, backend, pixel: bool, out_dir: Path) -> dict:
+def _compare(model, simulated, precision: str, opened, pixel: bool, out_dir: Path, files: _Files) -> dict:
     from ditrt.compare.accuracy import compare_runners
     from ditrt.compare.inputs import record_feeds, save_feeds
     from ditrt.compare.runners import DenoiserRunner
+    from ditrt.contracts.precisions import get_precision
     from ditrt.quality.metrics import error_by_timestep
 
-    shape = _shape(model.config)
+    cfg = model.config
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     feeds = record_feeds(model, pixel_space=pixel)
-    save_feeds(feeds, out_dir / "inputs.json")
+    files.add(save_feeds(feeds, out_dir / "inputs.json"))
     sim = DenoiserRunner(simulated, image_shape=shape, name="torch-simulated-recipe")
-    quant = DenoiserRunner(denoiser, image_shape=shape, name=f"{backend}-quantized")
-    # INT8 activation rounding is discontinuous: a 1-ulp float difference upstream flips an int8
-    # value near a rounding boundary, and flips cascade through the blocks (about 1e-3..1e-2 rel L2
-    # on the built-in model, none at all for float and INT4-weight-only graphs): W8A8 is judged on the
-    # mean error, exact graphs element by element.
-    w8a8 = simulated_precision == "w8a8"
-    result = compare_runners(sim, quant, feeds, atol=1e-2 if w8a8 else 1e-3, rtol=1e-2 if w8a8 else 1e-3,
-                             error_stat="mean" if w8a8 else "elemwise")  # fmt: skip
+    quant = DenoiserRunner(opened.denoiser, image_shape=shape, name=f"{opened.backend}-quantized")
+    tol = get_precision(precision).parity  # the registry says how closely a graph of this precision follows its simulation
+    result = compare_runners(sim, quant, feeds, atol=tol.atol, rtol=tol.rtol, error_stat=tol.error_stat)
     records = [(torch.from_numpy(f["x"]), torch.from_numpy(f["t"]), torch.from_numpy(f["y"])) for f in feeds]
-    c = model.config.in_channels
-    result["noise_error_vs_float"] = error_by_timestep(model, denoiser, records, channels=c)
+    result["noise_error_vs_float"] = error_by_timestep(model, opened.denoiser, records, channels=cfg.in_channels)
     result["inputs_file"] = "inputs.json"
     return result
 
@@ -242,45 +433,50 @@ def _write_report(report: dict, out_dir: Path) -> None:
 
 
 def report_markdown(r: dict) -> str:
-    q, c, t = r["quality"], r["compare"], r["timings_seconds"]
-    out = r["compare"]["outputs"]["out"]
+    q, c, t, qz = r["quality"], r["compare"], r["timings_seconds"], r["quantized"]
+    out = c["outputs"]["out"]
+    backend = "TensorRT" if qz["backend"] == "tensorrt" else f"ONNX Runtime (no TensorRT engine: {r.get('tensorrt', {}).get('reason', '')})"
     lines = [
         f"# ditrt pipeline report: {r['recipe']['method']} {r['recipe']['precision']} on {r['model']}",
         "",
-        f"ditrt {r['ditrt_version']}; {r['machine']}. Quantized backend: "
-        f"{'TensorRT' if 'engine' in r['sizes_bytes'] else 'ONNX Runtime (no TensorRT here: ' + r.get('tensorrt', {}).get('reason', '') + ')'}.",
+        f"ditrt {r['ditrt_version']}; {r['machine']}. Quantized backend: {backend}, running `{qz['artifact']}` "
+        f"(from the checked {qz['dtype']} graph `{qz['graph']}`).",
         "",
-        "![float vs quantized](comparison.png)" if "fd_float" in q else "",
-        "",
-        "## Quality (same seeds and labels)",
-        "",
-        "| | float | quantized |",
-        "|---|---|---|",
     ]
+    if "comparison.png" in r["files"]:
+        lines += ["![float vs quantized](comparison.png)", ""]
+    lines += [f"## Quality (same seeds and labels; measured on {q['measured_on']})", "", "| | float | quantized |", "|---|---|---|"]
     if "fd_float" in q:
         lines += [
             f"| FD (floor {q['fd_floor']:.2f}) | {q['fd_float']:.2f} | {q['fd_quantized']:.2f} ({100 * q['fd_relative_change']:+.1f}%) |",
             f"| class accuracy | {q['class_accuracy_float']:.3f} | {q['class_accuracy_quantized']:.3f} |",
         ]
+    if "psnr_db" in q:
+        lines.append(f"| paired PSNR vs float ({q['measured_on']}) | - | {q['psnr_db']:.2f} dB |")
+    if "latent_rel_l2" in q:
+        lines.append(f"| relative L2 vs float (latents) | - | {q['latent_rel_l2']:.4f} |")
+    lines += [""] + [f"- {name} not measured: {why}" for name, why in q["absent"].items()]
     lines += [
-        f"| paired PSNR vs float | - | {q['psnr_db']:.2f} dB |",
         "",
         "## Parity: quantized graph vs the torch simulation of the recipe (Polygraphy)",
         "",
         f"relative L2 {out['rel_l2']:.2e}, max abs {out['max_abs']:.2e}, cosine {out['cosine']:.6f}, SNR {out['snr_db']:.1f} dB "
-        f"(Polygraphy {c['error_stat']} error within atol/rtol {c['atol']}/{c['rtol']}: {'passed' if c['passed'] else 'failed'}); "
-        f"inputs: `{c['inputs_file']}`.",
+        f"(Polygraphy {c['error_stat']} error within atol/rtol {c['atol']}/{c['rtol']}, the registry's tolerance for "
+        f"{r['recipe']['precision']}: {'passed' if c['passed'] else 'failed'}); inputs: `{c['inputs_file']}`.",
         "",
         "Noise-prediction error vs the float model, per timestep: "
         + ", ".join(f"t={row['t']:.0f}: {row['rel_error']:.4f}" for row in c["noise_error_vs_float"]),
         "",
         "## Checks, sizes, timings",
         "",
-        f"- `ditrt check`: {'no violations' if r['check']['passed'] else '; '.join(r['check']['violations'])}",
+        f"- `ditrt check` of {', '.join(f'`{g}`' for g in r['check']['graphs'])} (the graph that runs): "
+        + ("no violations" if r["check"]["passed"] else "; ".join(f"{v['node']}: [{v['rule']}] {v['message']}" for v in r["check"]["violations"])),
         "- sizes: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in r["sizes_bytes"].items()),
-        f"- ms per denoising step (batch {2 * r['config']['num']} with guidance): float torch {t['ms_per_step_float']:.1f}, "
-        f"quantized {t['ms_per_step_quantized']:.1f}",
+        f"- ms per denoising step ({r['sampling']['batch_images']} images per call, network batch {r['sampling']['network_batch']}): "
+        f"float torch {t['ms_per_step_float']:.1f}, quantized {t['ms_per_step_quantized']:.1f}",
         "- stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items() if not k.startswith("ms_")),
+        "- files: " + ", ".join(f"`{f}`" for f in r["files"]),
     ]
     lines += [f"- note: {n}" for n in r["recipe"]["notes"]]
     return "\n".join(lines) + "\n"
+
