@@ -8,18 +8,21 @@ from pathlib import Path
 import click
 
 from ditrt.cli import main
+from ditrt.cli.options import json_option
 
 
 @main.command()
 @click.argument("samples", type=click.Path(path_type=Path))
 @click.option("--reference", type=click.Path(path_type=Path), default=None, help="samples.npz made with the same seeds and labels.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--save", type=click.Path(path_type=Path), default=None, help="Also write the JSON object to this file.")
+@json_option
+@click.option("--save", type=click.Path(path_type=Path), default=None, help="Also write the JSON object to this FILE.")
 def evaluate(samples, reference, as_json, save):
     """Quality of a digits sample set: FD (with its floor), class accuracy, paired PSNR."""
-    from ditrt.contracts.files import atomic_write
+    from ditrt.contracts.files import atomic_write, check_writable
     from ditrt.quality.report import evaluate_samples
 
+    if save is not None:
+        check_writable(save, what="--save")
     result = evaluate_samples(samples, reference)
     if save is not None:
         atomic_write(save, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))

@@ -22,7 +22,18 @@ from ditrt.contracts.errors import InputError
 PSNR_CAP_DB = 200.0  # identical sets give infinite PSNR; JSON has no infinity
 
 
+def check_finite(x, what: str = "the samples") -> None:
+    """Refuse NaN/inf values (a diverged or corrupted sample set): no metric of them means anything."""
+    a = np.asarray(x)
+    if np.issubdtype(a.dtype, np.floating):
+        bad = int(a.size - np.isfinite(a).sum())
+        if bad:
+            rows = int((~np.isfinite(a.reshape(len(a), -1))).any(1).sum()) if a.ndim > 1 else bad
+            raise InputError(f"{what} hold {bad} NaN/inf values (in {rows} of {len(a)} samples); re-sample them (the model or recipe diverged)")
+
+
 def _as_images(x) -> torch.Tensor:
+    check_finite(x)
     x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
     if x.ndim != 4 or tuple(x.shape[1:]) != (1, 8, 8):
         raise InputError(f"the digits evaluator needs (N, 1, 8, 8) images, got {tuple(x.shape)}; evaluate samples of the built-in model")
@@ -96,6 +107,8 @@ def class_accuracy(images, labels) -> float:
 def paired_psnr(a, b, *, data_range: float = 2.0) -> float:
     """PSNR in dB of set ``b`` against set ``a`` (same seeds and labels), over all pixels."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    check_finite(a, "the reference samples")
+    check_finite(b)
     if a.shape != b.shape:
         raise InputError(f"paired PSNR needs two sample sets of the same shape, got {a.shape} and {b.shape}")
     a, b = np.clip(a, -data_range / 2, data_range / 2), np.clip(b, -data_range / 2, data_range / 2)

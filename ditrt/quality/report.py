@@ -15,6 +15,7 @@ def evaluate_samples(samples: Path, reference: Path | None = None) -> dict:
     from ditrt.diffusion.sample_set import SampleSet
 
     s = SampleSet.load(samples)
+    metrics.check_finite(s.data, str(samples))
     if s.kind != "images":
         raise InputError(f"{samples} holds latents, not images; sample with --vae DIR to decode them first")
     out = {
@@ -26,6 +27,7 @@ def evaluate_samples(samples: Path, reference: Path | None = None) -> dict:
     }
     if reference is not None:
         r = SampleSet.load(reference)
+        metrics.check_finite(r.data, str(reference))
         if not (np.array_equal(r.seeds, s.seeds) and np.array_equal(r.labels, s.labels)):
             raise InputError(f"{reference} was not made with the same seeds and labels as {samples}; paired PSNR needs both equal")
         out["psnr_db"] = metrics.paired_psnr(r.data, s.data)
