@@ -42,17 +42,20 @@ from ditrt.cli.options import (
 @out_folder_option("recipe/, the checked graph, the engine (with TensorRT), float/ and quantized/ samples, inputs.json, report.md, report.json")
 def pipeline(model_spec, steps, cfg_scale, num, classes, seed, batch_size, backend, device, vae_dir, as_json, out_dir, **options):
     """Calibrate, export, check, build, sample float and quantized, evaluate and compare: OUT/report.md."""
+    import dataclasses
+
     from ditrt.pipeline import PipelineConfig, run_pipeline
 
+    cls = parse_classes(classes)
+    config = PipelineConfig(
+        steps=str(steps), cfg_scale=cfg_scale, num=num, seed=seed, classes=tuple(cls) if cls else None, batch_size=batch_size,
+        backend=backend, device=resolve_device(device), vae=str(vae_dir) if vae_dir is not None else None,
+    )  # fmt: skip
+    config.validate()  # the sampling options first: --cfg-scale is named as itself before it reaches the calibration run
     ctx = click.get_current_context()
     if ctx.get_parameter_source("calib_cfg_scale") is click.core.ParameterSource.DEFAULT:
         options["calib_cfg_scale"] = cfg_scale  # calibrate on the guidance the samples will use
-    cls = parse_classes(classes)
-    config = PipelineConfig(
-        calibrate=calibrate_config_from_options(**options), steps=str(steps), cfg_scale=cfg_scale, num=num, seed=seed,
-        classes=tuple(cls) if cls else None, batch_size=batch_size, backend=backend, device=resolve_device(device),
-        vae=str(vae_dir) if vae_dir is not None else None,
-    )  # fmt: skip
+    config = dataclasses.replace(config, calibrate=calibrate_config_from_options(**options))
     echo = say(as_json)
     report = run_pipeline(model_spec, config, out_dir, echo=echo)
     if as_json:
