@@ -57,7 +57,7 @@ def compare(model_spec, recipe_dir, onnx_path, reference_onnx, engine, per_layer
     needs_float = not load_inputs or (per_layer and reference_onnx is None)
     float_model = _float_model(model_spec, reference, recipe_dir) if needs_float else None
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    pixel = cfg.in_channels == 1 and cfg.input_size == 8  # the built-in digits model works in pixel space
+    pixel = cfg.pixel_space
     feeds = load_feeds(load_inputs) if load_inputs else record_feeds(float_model, steps=steps, timesteps=timesteps, pixel_space=pixel)
     if save_inputs:
         save_feeds(feeds, save_inputs)

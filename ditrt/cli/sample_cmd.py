@@ -81,9 +81,10 @@ def _sample_opened(opened, steps, cfg_scale, guidance, num, wanted, seed, batch_
     from ditrt.quality.images import sample_grid, save_png
 
     cfg = opened.config
-    pixel = cfg.in_channels == 1 and cfg.input_size == 8  # the built-in digits model works in pixel space
+    pixel = cfg.pixel_space
     if vae_dir is not None and cfg.in_channels != 4:
         raise ConfigError(f"--vae decodes 4-channel latents, but {opened.source} makes {cfg.in_channels}-channel images; drop --vae")
+    cfg.check_guidance(cfg_scale, opened.source)
     sampler = SamplerConfig(steps=str(steps), cfg_scale=cfg_scale, guidance=guidance, clip_denoised=pixel)
     labels = default_labels(num, cfg.num_classes, wanted)
     limit = opened.images_per_call(guided=cfg_scale != 1.0)

@@ -40,6 +40,26 @@ class DiTConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def has_null_class(self) -> bool:
+        """Trained with label dropout: class ``num_classes`` is the null class guidance needs."""
+        return self.class_dropout_prob > 0
+
+    @property
+    def pixel_space(self) -> bool:
+        """The built-in digits model samples pixels in [-1, 1] (clipped); official DiTs sample VAE latents."""
+        return self.in_channels == 1 and self.input_size == 8
+
+    def check_guidance(self, cfg_scale: float, source) -> None:
+        """Refuse classifier-free guidance for a model without a null class (its label table has no row for it)."""
+        if cfg_scale != 1.0 and not self.has_null_class:
+            from ditrt.contracts.errors import ConfigError
+
+            raise ConfigError(
+                f"{source} has no null class (trained without label dropout), so classifier-free guidance is impossible; "
+                "pass --cfg-scale 1"
+            )
+
     def to_dict(self) -> dict:
         return asdict(self)
 

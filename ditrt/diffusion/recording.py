@@ -51,6 +51,7 @@ def record_calibration_inputs(
 ) -> list[CalibBatch]:
     """The model inputs at ``settings.timesteps`` uniformly spaced steps of a float sampling run."""
     cfg = model.config
+    cfg.check_guidance(settings.cfg_scale, "the model")
     schedule = make_schedule(settings.steps)
     recorder = Recorder(model, keep=uniform_indices(schedule.num_steps, settings.timesteps))
     g = torch.Generator().manual_seed(settings.seed)

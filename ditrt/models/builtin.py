@@ -33,4 +33,4 @@ def load_model(spec: str | Path, **options) -> DiT:
 
 def is_pixel_model(model: DiT) -> bool:
     """The built-in digits model works in pixel space ([-1, 1]); official DiTs on VAE latents."""
-    return model.config.in_channels == 1 and model.config.input_size == 8
+    return model.config.pixel_space

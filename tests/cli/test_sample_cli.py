@@ -207,3 +207,19 @@ def test_batch_size_follows_and_is_checked_against_the_backend_limit(tmp_path, l
     assert max(batches) == 6 and set(batches) == {6, 4}  # 3 + 2 images, doubled for guidance
     r = CliRunner().invoke(main, ["sample", str(latent["onnx"]), "--batch-size", "4", "--num", "5", "--out", str(tmp_path / "b")])
     assert r.exit_code == 2 and "at most 3 images per call with guidance (6 rows)" in r.output and not (tmp_path / "b").exists()
+
+
+def test_a_model_without_a_null_class_samples_unguided_and_refuses_guidance(tmp_path):
+    """A checkpoint trained without label dropout has no null-class row: guidance is refused in one line
+    (it would index past the label table), and --cfg-scale 1 samples every class."""
+    from dataclasses import replace
+
+    cfg = replace(CONFIGS["ditrt-digits"], class_dropout_prob=0.0)
+    p = tmp_path / "no-null.safetensors"
+    save_ditrt_checkpoint(random_dit(cfg, std=0.02), p)
+    r = CliRunner().invoke(main, ["sample", str(p), "--steps", "5", "--num", "2", "--out", str(tmp_path / "g")])
+    assert r.exit_code == 2 and "no null class" in r.output and "--cfg-scale 1" in r.output, r.output
+    assert not (tmp_path / "g" / "samples.npz").exists()
+    r = run("sample", p, "--steps", "5", "--num", "2", "--classes", "9", "--cfg-scale", "1", "--out", tmp_path / "u")
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "u" / "samples.npz")["labels"].tolist() == [9, 9]
