@@ -62,3 +62,12 @@ def test_grid_has_one_labelled_row_per_class():
     grid = sample_grid(imgs, [3, 1, 3, 1, 3, 1], title="t")
     assert to_uint8(imgs).shape == (6, 8, 8, 1)
     assert grid.height >= 2 * 8 * 6 and grid.width >= 3 * 8 * 6
+
+
+def test_non_finite_samples_are_refused_by_name_not_a_linalg_error():
+    imgs = np.zeros((3, 1, 8, 8), np.float32)
+    imgs[2, 0, 0, 0] = np.inf
+    with pytest.raises(InputError, match=r"1 NaN/inf values \(in 1 of 3 samples\)"):
+        metrics.fd_to_real(imgs)
+    with pytest.raises(InputError, match="NaN/inf"):
+        metrics.paired_psnr(imgs, np.zeros_like(imgs))
