@@ -107,18 +107,20 @@ def engine_dtype(precision: str) -> str:
     return "fp16" if "fp16" in dtypes else dtypes[0]
 
 
-def run_pipeline(model_spec, config: PipelineConfig, out_dir: Path, *, echo: Callable[[str], None] = print) -> dict:
-    """Run every stage; returns the report dict (also written as OUT/report.json and report.md)."""
+def run_pipeline(model_spec, config: PipelineConfig, out_dir: Path, *, echo: Callable[[str], None] = print,
+                 load: dict | None = None) -> dict:
+    """Run every stage; returns the report dict (also written as OUT/report.json and report.md). ``load``: the
+    keywords of :func:`ditrt.models.builtin.load_model` for a checkpoint that records no config."""
     config.validate()
     backend, why = quantized_backend(config)
     from ditrt.contracts.files import check_writable
 
     out_dir = check_writable(Path(out_dir), folder=True)
     with _output_folder(out_dir):
-        return _run(model_spec, config, backend, why, out_dir, echo)
+        return _run(model_spec, config, backend, why, out_dir, echo, load or {})
 
 
-def _run(model_spec, config: PipelineConfig, backend: str, why: str, out_dir: Path, echo) -> dict:
+def _run(model_spec, config: PipelineConfig, backend: str, why: str, out_dir: Path, echo, load: dict) -> dict:
     from ditrt.calibrate.ptq import calibrate
     from ditrt.contracts.precisions import get_precision
     from ditrt.contracts.recipe import save_recipe
@@ -134,7 +136,7 @@ def _run(model_spec, config: PipelineConfig, backend: str, why: str, out_dir: Pa
                     "machine": f"{platform.machine()}, torch {torch.__version__}", "files": []}  # fmt: skip
 
     with clock("load"):
-        model = load_model(model_spec)
+        model = load_model(model_spec, **load)
     pixel, cfg = is_pixel_model(model), model.config
     labels = default_labels(config.num, cfg.num_classes, list(config.classes) if config.classes else None)
     if config.vae is not None and (pixel or cfg.in_channels != 4):

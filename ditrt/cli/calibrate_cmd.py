@@ -14,7 +14,7 @@ import click
 
 from ditrt.cli import main
 from ditrt.cli.calibration_options import calibrate_config_from_options, calibration_options
-from ditrt.cli.options import device_option, model_option, out_folder_option, resolve_device
+from ditrt.cli.options import checkpoint_options, device_option, load_options, model_option, out_folder_option, resolve_device
 
 #: deprecated option of this command -> the calibration option it stands for
 _ALIASES = {"steps": "calib_steps", "cfg_scale": "calib_cfg_scale", "seed": "calib_seed"}
@@ -27,13 +27,14 @@ def _alias(name: str, target: str):
 
 @main.command()
 @model_option
+@checkpoint_options
 @calibration_options
 @_alias("steps", "calib_steps")
 @_alias("cfg_scale", "calib_cfg_scale")
 @_alias("seed", "calib_seed")
 @device_option
 @out_folder_option("recipe.json and weights.safetensors")
-def calibrate(model_spec, device, out_dir, **options):
+def calibrate(model_spec, config_name, num_classes, num_heads, device, out_dir, **options):
     """Calibrate a model: writes OUT/recipe.json and OUT/weights.safetensors."""
     from ditrt.contracts.files import check_writable
 
@@ -48,7 +49,7 @@ def calibrate(model_spec, device, out_dir, **options):
     from ditrt.models.builtin import is_pixel_model, load_model
 
     start = time.time()
-    model = load_model(model_spec).to(device)
+    model = load_model(model_spec, **load_options(config_name, num_classes, num_heads)).to(device)
     batches = record_calibration_inputs(model, config.calibration, device=device, pixel_space=is_pixel_model(model), progress=True)
     recipe, tensors = run_calibration(model, config, batches, device=device)
     save_recipe(recipe, tensors, out_dir)

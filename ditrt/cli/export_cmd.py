@@ -9,11 +9,21 @@ from pathlib import Path
 import click
 
 from ditrt.cli import main
-from ditrt.cli.options import device_option, emit_json, json_option, model_option, out_file_option, say
+from ditrt.cli.options import (
+    checkpoint_options,
+    device_option,
+    emit_json,
+    json_option,
+    load_options,
+    model_option,
+    out_file_option,
+    say,
+)
 
 
 @main.command()
 @model_option
+@checkpoint_options
 @click.option("--recipe", "recipe_dir", type=click.Path(path_type=Path), default=None,
               help="Recipe folder from `ditrt calibrate`: export its quantized layers as Q/DQ (w8a8, w4a16).")  # fmt: skip
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
@@ -22,7 +32,7 @@ from ditrt.cli.options import device_option, emit_json, json_option, model_optio
 @device_option
 @json_option
 @out_file_option("the .onnx graph to write (a recipe with timestep groups also writes OUT stem.g<i>.onnx and OUT stem.groups.json)")
-def export(model_spec, recipe_dir, dtype, opset, device, as_json, out_path):
+def export(model_spec, config_name, num_classes, num_heads, recipe_dir, dtype, opset, device, as_json, out_path):
     """Export a model (float, or quantized by a recipe) to ONNX with a dynamic batch."""
     from ditrt.contracts.files import check_writable, state_dict_hash
     from ditrt.contracts.groups import group_graph_path
@@ -38,7 +48,7 @@ def export(model_spec, recipe_dir, dtype, opset, device, as_json, out_path):
     recipe = tensors = None
     if recipe_dir is not None:
         recipe, tensors = load_recipe(recipe_dir)
-    model = load_model(model_spec)
+    model = load_model(model_spec, **load_options(config_name, num_classes, num_heads))
     if recipe is not None:
         check_recipe_matches(recipe, state_dict_hash(model), str(model_spec))
     start = time.time()

@@ -76,6 +76,24 @@ def say(as_json: bool):
 model_option = click.option(
     "--model", "model_spec", default="builtin", show_default=True, help="'builtin' or a checkpoint: official .pt, .safetensors, diffusers folder."
 )
+
+
+def checkpoint_options(f):
+    """What a checkpoint's shapes cannot say: ``config_name``, ``num_classes``, ``num_heads`` keywords
+    (pass them to ``load_model(spec, config=..., num_classes=..., num_heads=...)`` with :func:`load_options`)."""
+    f = click.option("--num-heads", type=click.IntRange(min=1), default=None,
+                     help="Attention heads of a checkpoint that records no config (shapes do not show them).")(f)  # fmt: skip
+    f = click.option("--num-classes", type=click.IntRange(min=1), default=None,
+                     help="Classes of a checkpoint that records no config (its label table has one more row with a null class).")(f)  # fmt: skip
+    return click.option("--config", "config_name", default=None,
+                        help="Named DiT config (e.g. DiT-XL/2) of a checkpoint that records none.")(f)  # fmt: skip
+
+
+def load_options(config_name=None, num_classes=None, num_heads=None) -> dict:
+    """The keyword arguments :func:`ditrt.models.builtin.load_model` takes from :func:`checkpoint_options`."""
+    return {"config": config_name, "num_classes": num_classes, "num_heads": num_heads}
+
+
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] (auto: cuda when torch sees a GPU).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (messages go to stderr).")
 workspace_option = click.option(

@@ -11,9 +11,11 @@ from ditrt.cli import main
 from ditrt.cli.calibration_options import calibrate_config_from_options, calibration_options
 from ditrt.cli.options import (
     batch_size_option,
+    checkpoint_options,
     device_option,
     emit_json,
     json_option,
+    load_options,
     model_option,
     out_folder_option,
     parse_classes,
@@ -25,6 +27,7 @@ from ditrt.cli.options import (
 
 @main.command()
 @model_option
+@checkpoint_options
 @calibration_options
 @steps_option("250")
 @click.option("--cfg-scale", default=1.5, show_default=True, type=float,
@@ -40,7 +43,7 @@ from ditrt.cli.options import (
               help="diffusers AutoencoderKL folder: decode a latent model's samples, then measure and draw the images.")  # fmt: skip
 @json_option
 @out_folder_option("recipe/, the checked graph, the engine (with TensorRT), float/ and quantized/ samples, inputs.json, report.md, report.json")
-def pipeline(model_spec, steps, cfg_scale, num, classes, seed, batch_size, backend, device, vae_dir, as_json, out_dir, **options):
+def pipeline(model_spec, config_name, num_classes, num_heads, steps, cfg_scale, num, classes, seed, batch_size, backend, device, vae_dir, as_json, out_dir, **options):
     """Calibrate, export, check, build, sample float and quantized, evaluate and compare: OUT/report.md."""
     import dataclasses
 
@@ -57,7 +60,7 @@ def pipeline(model_spec, steps, cfg_scale, num, classes, seed, batch_size, backe
         options["calib_cfg_scale"] = cfg_scale  # calibrate on the guidance the samples will use
     config = dataclasses.replace(config, calibrate=calibrate_config_from_options(**options))
     echo = say(as_json)
-    report = run_pipeline(model_spec, config, out_dir, echo=echo)
+    report = run_pipeline(model_spec, config, out_dir, echo=echo, load=load_options(config_name, num_classes, num_heads))
     if as_json:
         emit_json(report)
         return

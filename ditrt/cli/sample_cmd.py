@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from ditrt.cli import main
-from ditrt.cli.options import device_option, parse_classes, resolve_device
+from ditrt.cli.options import checkpoint_options, device_option, parse_classes, resolve_device
 from ditrt.contracts.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ DEFAULT_BATCH = 256
 @click.option("--model", "model_spec", default=None,
               help="A checkpoint ('builtin', official .pt, .safetensors, diffusers folder): sampled as the float model, or the model "
                    "a --recipe is checked against. Default: builtin when no artifact is given.")  # fmt: skip
-@click.option("--config", "config_name", default=None, help="Named DiT config for a checkpoint that does not say (e.g. DiT-XL/2).")
+@checkpoint_options
 @click.option("--recipe", "recipe_dir", type=click.Path(path_type=Path), default=None,
               help="Recipe folder from `ditrt calibrate`: sample the simulated quantized model (same as ARTIFACT).")  # fmt: skip
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), default=None,
@@ -48,7 +48,7 @@ DEFAULT_BATCH = 256
 @click.option("--vae", "vae_dir", type=click.Path(path_type=Path), default=None,
               help="diffusers AutoencoderKL folder to decode latents (latent models only).")  # fmt: skip
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
-def sample(artifact, model_spec, config_name, recipe_dir, onnx_path, engine_path, backend, steps, cfg_scale, guidance, num, classes,
+def sample(artifact, model_spec, config_name, num_classes, num_heads, recipe_dir, onnx_path, engine_path, backend, steps, cfg_scale, guidance, num, classes,
            seed, batch_size, device, vae_dir, out_dir):  # fmt: skip
     """Sample ARTIFACT (a recipe folder, an .onnx, a .plan, a .groups.json or a checkpoint; default: --model, else the
     built-in model): writes OUT/samples.png (a grid, one row per class) and OUT/samples.npz."""
@@ -70,7 +70,8 @@ def sample(artifact, model_spec, config_name, recipe_dir, onnx_path, engine_path
     SamplerConfig(steps=str(steps), cfg_scale=cfg_scale, guidance=guidance)  # validates --steps, --cfg-scale before any loading
     check_writable(out_dir, what="--out", folder=True)
     device = _device(device, chosen)
-    with open_denoiser(target, model=model, onnx=check_graph, device=device, config_name=config_name) as opened:
+    with open_denoiser(target, model=model, onnx=check_graph, device=device, config_name=config_name,
+                       num_classes=num_classes, num_heads=num_heads) as opened:
         _sample_opened(opened, steps, cfg_scale, guidance, num, wanted, seed, batch_size, device, vae_dir, out_dir,
                        model=model, check_graph=check_graph)  # fmt: skip
 

@@ -26,7 +26,7 @@ from ditrt.contracts.errors import ConfigError
 from ditrt.contracts.groups import is_group_manifest, read_artifact
 
 #: the option names of :func:`open_denoiser` as the CLI spells them, for error messages
-_FLAGS = {"model": "--model", "onnx": "--onnx", "config_name": "--config"}
+_FLAGS = {"model": "--model", "onnx": "--onnx", "config_name": "--config", "num_classes": "--num-classes", "num_heads": "--num-heads"}
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("torch", "ditrt.runtime.torch_backend", "open_torch",
-                "PyTorch: a checkpoint (float) or a recipe folder (the simulated quantized model)", frozenset({"model", "config_name"})),
+                "PyTorch: a checkpoint (float) or a recipe folder (the simulated quantized model)", frozenset({"model", "config_name", "num_classes", "num_heads"})),
         Backend("onnxruntime", "ditrt.runtime.onnxruntime_backend", "open_onnxruntime",
                 "ONNX Runtime: an exported .onnx graph or its .groups.json manifest (CUDA provider on a cuda device)"),
         Backend("tensorrt", "ditrt.runtime.tensorrt_backend", "open_tensorrt",
@@ -121,18 +121,19 @@ def artifact_backend(artifact) -> str:
 
 
 def open_denoiser(artifact, *, model=None, onnx=None, device: str | None = None, config_name: str | None = None,
-                  **backend_options) -> OpenDenoiser:
+                  num_classes: int | None = None, num_heads: int | None = None, **backend_options) -> OpenDenoiser:
     """Open ``artifact`` with the backend it calls for (see the module doc).
 
     ``model``: the float checkpoint (path, "builtin" or a loaded DiT) a recipe folder is checked
     against (optional: a recipe holds its folded float weights). ``onnx``: the graph (or graph
     manifest) an engine was built from, to refuse a stale engine. ``device``: None is the backend's
-    default (the CPU; CUDA for TensorRT). ``config_name``: a named DiTConfig
-    for a checkpoint that does not record one. An option the artifact's backend would ignore is a
+    default (the CPU; CUDA for TensorRT). ``config_name``, ``num_classes``,
+    ``num_heads``: what a checkpoint's shapes cannot say (a named DiTConfig, the class count, the head
+    count; see :func:`ditrt.models.checkpoints.load_dit`). An option the artifact's backend would ignore is a
     :class:`ConfigError`. ``backend_options`` go to the backend's factory as they are (ONNX Runtime:
     ``threads``; TensorRT: ``use_cuda_graph``; torch: ``dtype``), for callers that know the backend."""
     backend = BACKENDS[artifact_backend(artifact)]
-    given = {"model": model, "onnx": onnx, "config_name": config_name}
+    given = {"model": model, "onnx": onnx, "config_name": config_name, "num_classes": num_classes, "num_heads": num_heads}
     for name, value in given.items():
         if value is not None and name not in backend.options:
             raise ConfigError(f"{_FLAGS[name]} does not apply to {artifact} ({backend.summary.split(':')[0]}); drop it")

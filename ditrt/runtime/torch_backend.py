@@ -21,27 +21,28 @@ class TorchDenoiser:
             return self.model(x.to(self.device, self.dtype), t.to(self.device), y.to(self.device)).float()
 
 
-def open_torch(artifact, *, device: str = "cpu", model=None, config_name: str | None = None, dtype: torch.dtype = torch.float32):
+def open_torch(artifact, *, device: str = "cpu", model=None, config_name: str | None = None, num_classes: int | None = None,
+               num_heads: int | None = None, dtype: torch.dtype = torch.float32):
     """:class:`~ditrt.runtime.open.OpenDenoiser` for a checkpoint (the float model) or a recipe folder
     (the simulated quantized model, built from the recipe alone or checked against ``model``)."""
     from ditrt.runtime.open import OpenDenoiser, is_recipe_folder
 
     if is_recipe_folder(artifact):
-        if config_name is not None:
-            raise ConfigError("--config applies to a checkpoint; a recipe records its model config: drop --config")
+        given = [flag for flag, v in (("--config", config_name), ("--num-classes", num_classes), ("--num-heads", num_heads)) if v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} applies to a checkpoint; a recipe records its model config: drop it")
         net, precision = _recipe_model(Path(artifact), model)
     else:
         if model is not None:
             raise ConfigError(f"{artifact} is a checkpoint: sample it directly, or pass it as --model only beside a --recipe")
-        net, precision = _checkpoint_model(artifact, config_name), "fp32"
+        net, precision = _checkpoint_model(artifact, config=config_name, num_classes=num_classes, num_heads=num_heads), "fp32"
     return OpenDenoiser(TorchDenoiser(net, device=device, dtype=dtype), net.config, "torch", str(artifact), precision, model=net)
 
 
-def _checkpoint_model(spec, config_name: str | None):
+def _checkpoint_model(spec, **load_options):
     from ditrt.models.builtin import load_model
-    from ditrt.models.checkpoints import load_dit
 
-    return load_model(spec) if config_name is None else load_dit(spec, config=config_name)
+    return load_model(spec, **load_options)
 
 
 def _recipe_model(recipe_dir: Path, model):
@@ -55,7 +56,7 @@ def _recipe_model(recipe_dir: Path, model):
     recipe, tensors = load_recipe(recipe_dir)
     if model is not None:
         source = "the given model" if isinstance(model, torch.nn.Module) else str(model)
-        base = model if isinstance(model, torch.nn.Module) else _checkpoint_model(model, None)
+        base = model if isinstance(model, torch.nn.Module) else _checkpoint_model(model)
         check_recipe_matches(recipe, state_dict_hash(base), source)
     elif not folded_state(tensors):
         raise ArtifactError(f"{recipe_dir} holds no model weights (made by an older ditrt); pass --model with the checkpoint it was made from")
