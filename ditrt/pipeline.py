@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -113,10 +112,10 @@ def run_pipeline(model_spec, config: PipelineConfig, out_dir: Path, *, echo: Cal
     keywords of :func:`ditrt.models.builtin.load_model` for a checkpoint that records no config."""
     config.validate()
     backend, why = quantized_backend(config)
-    from ditrt.contracts.files import check_writable
+    from ditrt.contracts.files import check_writable, output_folder
 
     out_dir = check_writable(Path(out_dir), folder=True)
-    with _output_folder(out_dir):
+    with output_folder(out_dir):
         return _run(model_spec, config, backend, why, out_dir, echo, load or {})
 
 
@@ -280,32 +279,6 @@ class _Files:
             name = str(Path(p).relative_to(self.root)) + ("/" if Path(p).is_dir() else "")
             if name not in self.names:
                 self.names.append(name)
-
-
-@contextmanager
-def _output_folder(out_dir: Path):
-    """Create ``out_dir`` for the run; on any failure (Ctrl-C included) remove what the run wrote:
-    the folder (and parents) it created, else the paths that were not there before."""
-    top = out_dir
-    while not top.parent.exists():
-        top = top.parent
-    created = not out_dir.exists()
-    if not created:
-        top = out_dir
-    before = set() if created else set(out_dir.rglob("*"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        yield out_dir
-    except BaseException:
-        if created:
-            shutil.rmtree(top, ignore_errors=True)
-        else:
-            for p in sorted(set(out_dir.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-        raise
 
 
 def _jsonable(d):

@@ -36,7 +36,7 @@ def _alias(name: str, target: str):
 @out_folder_option("recipe.json and weights.safetensors")
 def calibrate(model_spec, config_name, num_classes, num_heads, device, out_dir, **options):
     """Calibrate a model: writes OUT/recipe.json and OUT/weights.safetensors."""
-    from ditrt.contracts.files import check_writable
+    from ditrt.contracts.files import check_writable, output_folder
 
     options = _resolve_aliases(options)
     config = calibrate_config_from_options(**options)
@@ -52,7 +52,8 @@ def calibrate(model_spec, config_name, num_classes, num_heads, device, out_dir, 
     model = load_model(model_spec, **load_options(config_name, num_classes, num_heads)).to(device)
     batches = record_calibration_inputs(model, config.calibration, device=device, pixel_space=is_pixel_model(model), progress=True)
     recipe, tensors = run_calibration(model, config, batches, device=device)
-    save_recipe(recipe, tensors, out_dir)
+    with output_folder(out_dir):  # both files or neither, also on Ctrl-C
+        save_recipe(recipe, tensors, out_dir)
     took = time.time() - start
     click.echo(
         f"wrote {out_dir}/recipe.json: {recipe.method} {recipe.precision}, {len(recipe.layers)} layers quantized, "

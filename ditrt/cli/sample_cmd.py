@@ -77,6 +77,7 @@ def sample(artifact, model_spec, config_name, num_classes, num_heads, recipe_dir
 
 
 def _sample_opened(opened, steps, cfg_scale, guidance, num, wanted, seed, batch_size, device, vae_dir, out_dir, *, model, check_graph):
+    from ditrt.contracts.files import output_folder
     from ditrt.diffusion.sample_set import SampleSet, default_labels, generate
     from ditrt.diffusion.sampler import SamplerConfig
     from ditrt.quality.images import sample_grid, save_png
@@ -113,11 +114,12 @@ def _sample_opened(opened, steps, cfg_scale, guidance, num, wanted, seed, batch_
 
         data, kind = decode_latents(data, vae_dir, device=device), "images"
         settings["vae"] = str(vae_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    SampleSet(data, np.asarray(labels), np.asarray(seeds), kind, settings).save(out_dir / "samples.npz")
+    with output_folder(out_dir):  # samples.npz and samples.png, or neither (also on Ctrl-C)
+        SampleSet(data, np.asarray(labels), np.asarray(seeds), kind, settings).save(out_dir / "samples.npz")
+        if kind == "images":
+            title = f"{Path(opened.source).name} | {opened.backend} | {steps} steps | cfg {cfg_scale}"
+            save_png(sample_grid(data, labels, title=title), out_dir / "samples.png")
     if kind == "images":
-        title = f"{Path(opened.source).name} | {opened.backend} | {steps} steps | cfg {cfg_scale}"
-        save_png(sample_grid(data, labels, title=title), out_dir / "samples.png")
         click.echo(f"wrote {out_dir / 'samples.png'} and {out_dir / 'samples.npz'}")
     else:
         click.echo(f"wrote latents to {out_dir / 'samples.npz'} (no image: pass --vae DIR with a diffusers AutoencoderKL to decode)")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from ditrt.contracts.errors import ArtifactError, ConfigError
@@ -53,6 +55,34 @@ def atomic_write(path: Path, write) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+@contextmanager
+def output_folder(out_dir: Path):
+    """``with output_folder(out):`` creates ``out`` for a command that writes several files into it; on
+    any failure (Ctrl-C included) it removes what the command wrote: the folder (and parents) it
+    created, else the paths that were not there before. With :func:`atomic_write` for each file, no
+    command leaves a half-written set of outputs."""
+    top = out_dir
+    while not top.parent.exists():
+        top = top.parent
+    created = not out_dir.exists()
+    if not created:
+        top = out_dir
+    before = set() if created else set(out_dir.rglob("*"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out_dir
+    except BaseException:
+        if created:
+            shutil.rmtree(top, ignore_errors=True)
+        else:
+            for p in sorted(set(out_dir.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        raise
 
 
 def state_dict_hash(model) -> str:
