@@ -164,7 +164,8 @@ def prepare(args, model, work: Path, trt_ok: bool) -> tuple[list[Row], dict]:
     rows = [Row("torch fp32", "torch", "fp32", "cpu")]
     rows += [Row(f"onnxruntime {p}", "onnxruntime", p, "cpu", artifact=export(p, "fp32")) for p in ("fp32", *QUANTIZED)]
     if trt_ok:
-        from ditrt.engines import BuildConfig, engine_from_onnx
+        from ditrt.contracts.profile import BuildConfig
+        from ditrt.engines import engine_from_onnx
 
         rows.append(Row("torch fp16 (cuda)", "torch", "fp16", "gpu", device="cuda"))
         build = BuildConfig(batch_min=1, batch_opt=args.batch, batch_max=args.batch)  # engine batch 2 x --batch

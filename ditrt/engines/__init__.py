@@ -1,14 +1,10 @@
-"""TensorRT engines: the optimization profile, the build, and the sidecar manifest.
+"""TensorRT engines: the build (one verb, :func:`engine_from_onnx`, and its per-timestep-group form).
 
-Everything here imports without TensorRT; only the builds (:func:`engine_from_onnx`,
-:func:`engines_from_manifest`) need it (and a GPU).
+Everything here imports without TensorRT; only the builds need it (and a GPU). What an engine is
+built for and records, the build profile and the sidecar, are contracts
+(:mod:`ditrt.contracts.profile`, :mod:`ditrt.contracts.sidecar`): the runtime reads them too.
 """
 
-from ditrt.contracts.profile import BuildConfig, ShapeRange, parse_batch, profile_shapes
-from ditrt.contracts.sidecar import EngineSidecar, load_sidecar, save_sidecar, sidecar_path, verify_sidecar
 from ditrt.engines.build import engine_from_onnx, engines_from_manifest, import_tensorrt, tensorrt_available
 
-__all__ = [
-    "BuildConfig", "EngineSidecar", "ShapeRange", "engine_from_onnx", "engines_from_manifest", "import_tensorrt", "load_sidecar",
-    "parse_batch", "profile_shapes", "save_sidecar", "sidecar_path", "tensorrt_available", "verify_sidecar",
-]  # fmt: skip
+__all__ = ["engine_from_onnx", "engines_from_manifest", "import_tensorrt", "tensorrt_available"]

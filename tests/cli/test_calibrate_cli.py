@@ -8,21 +8,13 @@ from click.testing import CliRunner
 
 from ditrt.cli import main
 from ditrt.cli.calibration_options import OPTION_NAMES, calibrate_config_from_options
-from ditrt.models.checkpoints import save_ditrt_checkpoint
-from tests.conftest import TINY, random_dit
+from tests.conftest import TINY
 
 FAST = ["--calib-timesteps", "2", "--calib-samples", "2", "--calib-steps", "5"]
 
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    p = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_ditrt_checkpoint(random_dit(TINY), p)
-    return p
 
 
 @pytest.mark.parametrize(

@@ -82,3 +82,28 @@ def test_bad_options_are_one_line_errors_before_work(files, tmp_path, extra, mes
     r = CliRunner().invoke(main, [*_args(files), *extra, "--save-inputs", str(tmp_path / "in.json")])
     assert r.exit_code == 2 and message in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "in.json").exists()
+
+
+def test_the_check_defaults_to_the_precision_registrys_parity_tolerance(tmp_path):
+    """A W8A8 graph against its recipe's simulation is judged as the registry says (the mean error within 1e-2:
+    INT8 rounding flips cascade through the blocks), and --atol/--rtol/--error-stat override it."""
+    from ditrt.contracts.precisions import get_precision
+    from ditrt.contracts.recipe import save_recipe
+    from ditrt.export import export_onnx
+    from tests.export.recipes import absmax_recipe
+
+    torch.set_num_threads(1)
+    model = random_dit(TINY)
+    recipe, tensors = absmax_recipe(model, "w8a8")
+    save_recipe(recipe, tensors, tmp_path / "r")
+    graph = export_onnx(model, tmp_path / "q.onnx", recipe=recipe, tensors=tensors)
+    base = ["compare", "--recipe", str(tmp_path / "r"), "--onnx", str(graph), "--steps", "5", "--timesteps", "2", "--json"]
+    r = CliRunner().invoke(main, base)
+    c = json.loads(r.stdout)["comparisons"][0]
+    want = get_precision("w8a8").parity
+    assert (c["atol"], c["rtol"], c["error_stat"]) == (want.atol, want.rtol, want.error_stat), c
+    assert r.exit_code == (0 if c["passed"] else 1)
+    r = CliRunner().invoke(main, [*base, "--atol", "0", "--rtol", "0", "--error-stat", "elemwise"])
+    c = json.loads(r.stdout)["comparisons"][0]
+    assert (c["atol"], c["rtol"], c["error_stat"]) == (0.0, 0.0, "elemwise")
+    assert r.exit_code == (0 if c["passed"] else 1)

@@ -12,8 +12,6 @@ import pytest
 from click.testing import CliRunner
 
 from ditrt.cli import main
-from ditrt.models.checkpoints import save_ditrt_checkpoint
-from tests.conftest import TINY, random_dit
 
 
 def _commands(group, prefix=()):
@@ -46,13 +44,6 @@ def _one_line_error(r, message):
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ditrt: error:") and message in lines[0], r.output
     assert "Traceback" not in r.output
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    p = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_ditrt_checkpoint(random_dit(TINY), p)
-    return p
 
 
 @pytest.mark.parametrize(

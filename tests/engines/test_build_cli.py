@@ -8,7 +8,8 @@ from click.testing import CliRunner
 import ditrt.cli.build_cmd  # noqa: F401  (registers `build` on the group)
 from ditrt.cli import main
 from ditrt.contracts.errors import MissingDependencyError
-from ditrt.engines import BuildConfig, engine_from_onnx, tensorrt_available
+from ditrt.contracts.profile import BuildConfig
+from ditrt.engines import engine_from_onnx, tensorrt_available
 
 AVAILABLE, WHY = tensorrt_available()
 HAS_TRT_MODULE = importlib.util.find_spec("tensorrt") is not None

@@ -5,7 +5,8 @@ from click.testing import CliRunner
 
 import ditrt.cli.build_cmd  # noqa: F401  (registers `build`)
 from ditrt.cli import main
-from ditrt.engines import BuildConfig, profile_shapes, tensorrt_available
+from ditrt.contracts.profile import BuildConfig, profile_shapes
+from ditrt.engines import tensorrt_available
 from ditrt.engines.onnx_info import read_onnx
 from tests.conftest import TINY, random_dit
 

@@ -1,5 +1,6 @@
 """The built-in model draws recognisable digits of the requested class (a real threshold)."""
 
+import pytest
 import torch
 
 from ditrt.contracts.model_config import CONFIGS
@@ -17,6 +18,7 @@ def test_builtin_weights_are_small_and_described():
     assert load_model("builtin").config == CONFIGS["ditrt-digits"]
 
 
+@pytest.mark.slow  # 36-42 s on one thread: 250-step sampling of enough digits to judge accuracy
 def test_builtin_samples_are_digits_of_the_requested_class():
     model = load_model("builtin")
     labels = [i % 10 for i in range(60)]

@@ -27,7 +27,9 @@ import torch
 from click.testing import CliRunner
 
 from ditrt.contracts.errors import ArtifactError, InputError
-from ditrt.engines import BuildConfig, engine_from_onnx, load_sidecar, sidecar_path, tensorrt_available
+from ditrt.contracts.profile import BuildConfig
+from ditrt.contracts.sidecar import load_sidecar, sidecar_path
+from ditrt.engines import engine_from_onnx, tensorrt_available
 from tests.conftest import random_dit
 
 AVAILABLE, WHY = tensorrt_available()
