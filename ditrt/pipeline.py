@@ -296,15 +296,11 @@ def _size(path: Path) -> int:
 def _export(model, recipe, tensors, dtype: str, out_dir: Path, clock) -> tuple[Path, list[Path]]:
     """``(artifact, graphs)``: one graph, or for a recipe with timestep groups the manifest and its graphs."""
     from ditrt.contracts.groups import read_artifact
-    from ditrt.export import export_onnx
-    from ditrt.export.onnx_export import export_timestep_groups
+    from ditrt.export.onnx_export import export_model
 
     path = out_dir / ("model.onnx" if dtype == "fp32" else f"model-{dtype}.onnx")
     with clock("export"):
-        if recipe.act_bits and recipe.timestep_groups > 1:
-            artifact = export_timestep_groups(model, path, recipe=recipe, tensors=tensors, dtype=dtype)
-        else:
-            artifact = export_onnx(model, path, dtype=dtype, recipe=recipe, tensors=tensors)
+        artifact = export_model(model, path, dtype=dtype, recipe=recipe, tensors=tensors)
     return artifact, read_artifact(artifact)[2]
 
 
@@ -316,16 +312,13 @@ def _check(graphs: list[Path], clock) -> list[dict]:
 
 
 def _build(graph: Path, out_dir: Path, config: PipelineConfig, files: _Files) -> Path:
-    from ditrt.contracts.groups import is_group_manifest, read_artifact
+    from ditrt.contracts.groups import read_artifact
     from ditrt.contracts.profile import BuildConfig
     from ditrt.contracts.sidecar import sidecar_path
-    from ditrt.engines.build import engine_from_onnx, engines_from_manifest
+    from ditrt.engines.build import build_engines
 
     build = BuildConfig(batch_max=min(config.num, config.batch_size), cfg=config.cfg_scale != 1.0)
-    if is_group_manifest(graph):
-        artifact = engines_from_manifest(graph, out_dir / "model.plan", build)
-    else:
-        artifact = engine_from_onnx(graph, out_dir / "model.plan", build)
+    artifact = build_engines(graph, out_dir / "model.plan", build)
     engines = read_artifact(artifact)[2]
     files.engines = engines
     files.add(artifact, *engines, *(sidecar_path(e) for e in engines))

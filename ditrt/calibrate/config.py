@@ -1,4 +1,4 @@
-"""How to calibrate: :class:`CalibrateConfig`, and the scale searches it names (:data:`SEARCHES`).
+"""How to calibrate: :class:`CalibrateConfig` (the scale searches it names are :data:`ditrt.contracts.recipe.SEARCHES`).
 
 Free of torch at import, like :mod:`ditrt.calibrate.methods`, so the command line builds its options
 from these dataclasses without loading the calibration code.
@@ -11,10 +11,7 @@ from dataclasses import dataclass, field
 from ditrt.calibrate.methods import REGISTRY, get_method
 from ditrt.contracts.errors import ConfigError
 from ditrt.contracts.precisions import INT4_BLOCK_SIZES, get_precision
-from ditrt.contracts.recipe import CalibrationSettings
-
-#: Scale searches (:mod:`ditrt.calibrate.scale_search`): min-max, PTQ4DiT's percentile clips, an MSE clip search.
-SEARCHES = ("minmax", "percentile", "mse")
+from ditrt.contracts.recipe import SEARCHES, CalibrationSettings
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from ditrt.calibrate.config import SEARCHES
 from ditrt.contracts.errors import ConfigError, InputError
 from ditrt.contracts.quantizers import fake_quant, qrange
+from ditrt.contracts.recipe import SEARCHES
 
 # ---------------------------------------------------------------------------------------------
 # Scale search. Every quantizer is calibrated over *groups*: a tensor (*S, n) whose last axis holds

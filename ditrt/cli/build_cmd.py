@@ -32,7 +32,7 @@ def build(onnx_path, out_path, batch, no_cfg, opt_level, timing_cache, workspace
     from ditrt.contracts.groups import is_group_manifest, read_manifest
     from ditrt.contracts.profile import BuildConfig, parse_batch
     from ditrt.contracts.sidecar import load_sidecar, sidecar_path
-    from ditrt.engines.build import engine_from_onnx, engines_from_manifest
+    from ditrt.engines.build import build_engines
 
     echo = say(as_json)
     lo, opt, hi = parse_batch(batch)
@@ -43,8 +43,9 @@ def build(onnx_path, out_path, batch, no_cfg, opt_level, timing_cache, workspace
     check_writable(out_path)
     rows = config.engine_batch
     images = f"{hi} images per call with guidance" if config.cfg else f"{hi} images per call, unguided"
-    if is_group_manifest(onnx_path):
-        manifest = engines_from_manifest(onnx_path, out_path, config)
+    artifact = build_engines(onnx_path, out_path, config)  # one engine, or one per timestep group and their manifest
+    if is_group_manifest(artifact):
+        manifest = artifact
         edges, engines = read_manifest(manifest, "tensorrt")
         sidecar = load_sidecar(engines[0])
         size = sum(e.stat().st_size for e in engines) / 1e6
@@ -59,7 +60,6 @@ def build(onnx_path, out_path, batch, no_cfg, opt_level, timing_cache, workspace
             f"{sidecar.gpu_name}): pass it as --engine to `ditrt sample`"
         )
         return
-    engine_from_onnx(onnx_path, out_path, config)
     sidecar = load_sidecar(out_path)
     if as_json:
         emit_json({"engine": str(out_path), "sidecar": str(sidecar_path(out_path)), "size_bytes": out_path.stat().st_size,

@@ -22,11 +22,11 @@ import functools
 
 import click
 
-from ditrt.calibrate.config import SEARCHES, CalibrateConfig
+from ditrt.calibrate.config import CalibrateConfig
 from ditrt.calibrate.methods import QDIT_CHANNEL, QDIT_FITNESSES, REGISTRY, QDiTSettings, SmoothQuantSettings
 from ditrt.contracts.errors import ConfigError
 from ditrt.contracts.precisions import INT4_BLOCK_SIZES, PRECISIONS, get_precision
-from ditrt.contracts.recipe import METHODS, CalibrationSettings
+from ditrt.contracts.recipe import METHODS, SEARCHES, CalibrationSettings
 
 
 def _default(cls, name: str):

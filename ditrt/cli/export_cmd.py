@@ -35,11 +35,11 @@ from ditrt.cli.options import (
 def export(model_spec, config_name, num_classes, num_heads, recipe_dir, dtype, opset, device, as_json, out_path):
     """Export a model (float, or quantized by a recipe) to ONNX with a dynamic batch."""
     from ditrt.contracts.files import check_writable, state_dict_hash
-    from ditrt.contracts.groups import group_graph_path
+    from ditrt.contracts.groups import is_group_manifest, read_artifact
     from ditrt.contracts.precisions import get_precision
     from ditrt.contracts.recipe import check_recipe_matches, load_recipe
-    from ditrt.export import check_onnx, export_onnx
-    from ditrt.export.onnx_export import export_timestep_groups
+    from ditrt.export import check_onnx
+    from ditrt.export.onnx_export import export_model
     from ditrt.models.builtin import load_model
 
     echo = say(as_json)
@@ -53,14 +53,12 @@ def export(model_spec, config_name, num_classes, num_heads, recipe_dir, dtype, o
         check_recipe_matches(recipe, state_dict_hash(model), str(model_spec))
     start = time.time()
     what = f"{recipe.method} {recipe.precision}" if recipe else "float"
-    manifest = None
-    if recipe is not None and recipe.act_bits and recipe.timestep_groups > 1:
-        manifest = export_timestep_groups(model, out_path, recipe=recipe, tensors=tensors, dtype=dtype, opset=opset)
-        paths = [group_graph_path(out_path, g) for g in range(recipe.timestep_groups)]
+    artifact = export_model(model, out_path, dtype=dtype, opset=opset, recipe=recipe, tensors=tensors)
+    manifest = artifact if is_group_manifest(artifact) else None
+    paths = read_artifact(artifact)[2]
+    if manifest is not None:
         echo(f"wrote {manifest} ({recipe.timestep_groups} timestep groups, edges {list(recipe.timestep_group_edges)}): "
              "pass it to `ditrt sample` or to `ditrt build --onnx`")  # fmt: skip
-    else:
-        paths = [export_onnx(model, out_path, dtype=dtype, opset=opset, recipe=recipe, tensors=tensors)]
     graphs = []
     for path in paths:
         violations = check_onnx(path)

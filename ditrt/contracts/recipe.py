@@ -33,6 +33,9 @@ from ditrt.contracts.precisions import INT4_BLOCK_SIZES, Precision, get_precisio
 RECIPE_FORMAT = "ditrt-recipe"
 #: The calibration methods a recipe may name; each is a strategy registered in :mod:`ditrt.calibrate.methods`.
 METHODS = ("minmax", "smoothquant", "ptq4dit", "ditas", "qdit")
+#: The scale searches a recipe may record (``scale_search`` of its weights, ``act_scale_search`` of its
+#: activations); each is implemented in :mod:`ditrt.calibrate.scale_search`.
+SEARCHES = ("minmax", "percentile", "mse")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,6 @@ built for and records, the build profile and the sidecar, are contracts
 (:mod:`ditrt.contracts.profile`, :mod:`ditrt.contracts.sidecar`): the runtime reads them too.
 """
 
-from ditrt.engines.build import engine_from_onnx, engines_from_manifest, import_tensorrt, tensorrt_available
+from ditrt.engines.build import build_engines, engine_from_onnx, engines_from_manifest, import_tensorrt, tensorrt_available
 
-__all__ = ["engine_from_onnx", "engines_from_manifest", "import_tensorrt", "tensorrt_available"]
+__all__ = ["build_engines", "engine_from_onnx", "engines_from_manifest", "import_tensorrt", "tensorrt_available"]

@@ -203,3 +203,16 @@ def engines_from_manifest(manifest: Path, out_path: Path, config: BuildConfig | 
             engine.unlink(missing_ok=True)
             sidecar_path(engine).unlink(missing_ok=True)
         raise
+
+
+def build_engines(onnx: Path, out_path: Path, config: BuildConfig | None = None) -> Path:
+    """The engine stage's one entry point: engines for an exported artifact, a graph or a graph manifest.
+
+    One graph gives one engine at ``out_path`` (:func:`engine_from_onnx`); a timestep-group manifest
+    one engine per group and their manifest (:func:`engines_from_manifest`, whose path is returned).
+    Either way :func:`ditrt.contracts.groups.read_artifact` reads the result."""
+    from ditrt.contracts.groups import is_group_manifest
+
+    if is_group_manifest(onnx):
+        return engines_from_manifest(onnx, out_path, config)
+    return engine_from_onnx(onnx, out_path, config)

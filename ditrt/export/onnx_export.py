@@ -277,3 +277,15 @@ def export_timestep_groups(model: DiT, path: str | os.PathLike, *, recipe: Recip
         for g in range(recipe.timestep_groups)
     ]
     return write_manifest(path, recipe.timestep_group_edges, graphs, "onnx")
+
+
+def export_model(model: DiT, path: str | os.PathLike, *, recipe: Recipe | None = None, tensors: dict | None = None, **kwargs) -> Path:
+    """The export stage's one entry point: the artifact for ``model`` (and ``recipe``) at ``path``.
+
+    A recipe with K > 1 timestep groups of activation scales gives K graphs and their manifest
+    (:func:`export_timestep_groups`; the manifest's path is returned); anything else one graph
+    (:func:`export_onnx`), which every later stage reads as a one-group manifest
+    (:func:`ditrt.contracts.groups.read_artifact`). ``kwargs``: those of :func:`export_onnx`."""
+    if recipe is not None and recipe.spec.quantizes_activations and recipe.timestep_groups > 1:
+        return export_timestep_groups(model, path, recipe=recipe, tensors=tensors, **kwargs)
+    return export_onnx(model, path, recipe=recipe, tensors=tensors, **kwargs)

@@ -241,7 +241,7 @@ def load_dit(
             raise CheckpointError(
                 f"{path} is a diffusers folder: its config.json gives the architecture; drop --config, --num-classes and --num-heads"
             )
-        return diffusers_compat.load_diffusers_dit(path)
+        return load_diffusers_dit(path)
     sd, meta = _read_tensors(path)
     refuse_non_finite(sd, path)
     if meta.get("format") == DITRT_FORMAT:
@@ -288,3 +288,26 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     """The ``extra`` metadata stored by :func:`save_ditrt_checkpoint` (empty for other files)."""
     _, meta = _read_tensors(Path(path))
     return json.loads(meta.get("extra", "{}"))
+
+
+def load_diffusers_dit(folder: Path) -> DiT:
+    """A diffusers ``DiTTransformer2DModel`` folder (or a pipeline folder with ``transformer/``)."""
+    from ditrt.models.diffusers_compat import config_from_diffusers, diffusers_to_official
+
+    folder = Path(folder)
+    if (folder / "transformer" / "config.json").exists():
+        folder = folder / "transformer"
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{folder} has no config.json; pass a diffusers DiTTransformer2DModel folder or a checkpoint file")
+    try:
+        config = config_from_diffusers(json.loads(cfg_path.read_text()))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-save the model with save_pretrained") from None
+    weights = [folder / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin") if (folder / n).exists()]
+    if not weights:
+        raise CheckpointError(f"{folder} has no diffusion_pytorch_model.safetensors (or .bin); sharded weights are not supported")
+    sd, _ = _read_tensors(weights[0])
+    refuse_non_finite(sd, weights[0])
+    sd, config = diffusers_to_official(sd, config)
+    return model_from_state_dict(config, sd, folder)

@@ -9,15 +9,13 @@ in :class:`DiTConfig` so a diffusers model is reproduced exactly.
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import torch
 
 from ditrt.contracts.errors import CheckpointError
 from ditrt.contracts.model_config import DiTConfig
-from ditrt.models.dit import DiT, sincos_pos_embed_2d
+from ditrt.models.dit import sincos_pos_embed_2d
 
 log = logging.getLogger(__name__)
 
@@ -135,26 +133,3 @@ def config_from_diffusers(cfg: dict) -> DiTConfig:
         num_classes=cfg.get("num_embeds_ada_norm", 1000), learn_sigma=out_ch == 2 * in_ch,
         timestep_freq_shift=1, mlp_norm_eps=cfg.get("norm_eps", 1e-5),
     )  # fmt: skip
-
-
-def load_diffusers_dit(folder: Path) -> DiT:
-    """A diffusers ``DiTTransformer2DModel`` folder (or a pipeline folder with ``transformer/``)."""
-    from ditrt.models.checkpoints import _read_tensors, model_from_state_dict, refuse_non_finite
-
-    folder = Path(folder)
-    if (folder / "transformer" / "config.json").exists():
-        folder = folder / "transformer"
-    cfg_path = folder / "config.json"
-    if not cfg_path.exists():
-        raise CheckpointError(f"{folder} has no config.json; pass a diffusers DiTTransformer2DModel folder or a checkpoint file")
-    try:
-        config = config_from_diffusers(json.loads(cfg_path.read_text()))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-save the model with save_pretrained") from None
-    weights = [folder / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin") if (folder / n).exists()]
-    if not weights:
-        raise CheckpointError(f"{folder} has no diffusion_pytorch_model.safetensors (or .bin); sharded weights are not supported")
-    sd, _ = _read_tensors(weights[0])
-    refuse_non_finite(sd, weights[0])
-    sd, config = diffusers_to_official(sd, config)
-    return model_from_state_dict(config, sd, folder)
