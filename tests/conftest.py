@@ -26,3 +26,21 @@ TINY = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, dept
 @pytest.fixture
 def tiny_dit() -> DiT:
     return random_dit(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory):
+    """A tiny random 4-channel (DiT-XL/2-style latent) model as every artifact a user opens: a ditrt
+    checkpoint, a W8A8 recipe folder (absmax scales) and an exported float graph. Read-only for tests."""
+    from ditrt.contracts.recipe import save_recipe
+    from ditrt.export import export_onnx
+    from ditrt.models.checkpoints import save_ditrt_checkpoint
+    from tests.export.recipes import absmax_recipe
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("artifacts")
+    model = random_dit(TINY)
+    save_ditrt_checkpoint(model, root / "m.safetensors")
+    recipe, tensors = absmax_recipe(model, "w8a8")
+    save_recipe(recipe, tensors, root / "recipe")
+    return {"model": model, "root": root, "ckpt": root / "m.safetensors", "recipe": root / "recipe", "onnx": export_onnx(model, root / "m.onnx")}

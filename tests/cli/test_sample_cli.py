@@ -100,20 +100,9 @@ def test_help_works():
 
 
 @pytest.fixture(scope="module")
-def latent(tmp_path_factory):
-    """A tiny random 4-channel (DiT-XL/2-style latent) model as a checkpoint, a recipe folder and an exported graph."""
-    from ditrt.contracts.recipe import save_recipe
-    from ditrt.export import export_onnx
-    from tests.conftest import TINY
-    from tests.export.recipes import absmax_recipe
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("latent")
-    model = random_dit(TINY)
-    save_ditrt_checkpoint(model, root / "m.safetensors")
-    recipe, tensors = absmax_recipe(model, "w8a8")
-    save_recipe(recipe, tensors, root / "recipe")
-    return {"ckpt": root / "m.safetensors", "recipe": root / "recipe", "onnx": export_onnx(model, root / "m.onnx")}
+def latent(tiny_artifacts):
+    """The tiny 4-channel (DiT-XL/2-style latent) model as a checkpoint, a recipe folder and an exported graph."""
+    return tiny_artifacts
 
 
 def _settings(out):

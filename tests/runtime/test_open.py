@@ -8,30 +8,21 @@ import torch
 
 from ditrt.contracts.errors import ArtifactError, ConfigError, MissingDependencyError
 from ditrt.contracts.groups import read_artifact, write_manifest
-from ditrt.contracts.recipe import save_recipe
 from ditrt.contracts.spec import DiTSpec
-from ditrt.export import export_onnx
-from ditrt.models.checkpoints import save_ditrt_checkpoint
 from ditrt.runtime.groups import TimestepGroupDenoiser
 from ditrt.runtime.open import BACKENDS, artifact_backend, open_denoiser
 from tests.conftest import TINY, random_dit
-from tests.export.recipes import absmax_recipe, rel_l2
+from tests.export.recipes import rel_l2
 
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory):
-    """A tiny 4-channel DiT as every artifact: checkpoint, recipe folder, graph, two-group graph manifest."""
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("open")
-    model = random_dit(TINY)
-    save_ditrt_checkpoint(model, root / "m.safetensors")
-    recipe, tensors = absmax_recipe(model, "w8a8")
-    save_recipe(recipe, tensors, root / "recipe")
-    graph = export_onnx(model, root / "m.onnx")
+def art(tiny_artifacts):
+    """Every artifact of the tiny 4-channel DiT (tests/conftest.py), plus a two-group graph manifest."""
+    root, graph = tiny_artifacts["root"], tiny_artifacts["onnx"]
     (root / "g.g0.onnx").write_bytes(graph.read_bytes())
     (root / "g.g1.onnx").write_bytes(graph.read_bytes())
     manifest = write_manifest(root / "g.onnx", (500.0,), [root / "g.g0.onnx", root / "g.g1.onnx"], "onnx")
-    return {"model": model, "root": root, "ckpt": root / "m.safetensors", "recipe": root / "recipe", "onnx": graph, "manifest": manifest}
+    return {**tiny_artifacts, "manifest": manifest}
 
 
 def test_the_artifact_picks_the_backend(art, tmp_path):
