@@ -7,6 +7,7 @@ importing the network.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 
@@ -83,3 +84,26 @@ CONFIGS: dict[str, DiTConfig] = {
 CONFIGS["ditrt-digits"] = DiTConfig(
     input_size=8, patch_size=1, in_channels=1, hidden_size=192, depth=6, num_heads=3, num_classes=10
 )
+
+
+#: The metadata key under which an exported graph (and so an engine's sidecar) records its DiTConfig as JSON.
+METADATA_KEY = "ditrt.model_config"
+
+
+def config_metadata(config: DiTConfig) -> dict[str, str]:
+    """``{METADATA_KEY: json}``: what an exported graph records so that later stages need no model."""
+    return {METADATA_KEY: json.dumps(config.to_dict(), sort_keys=True)}
+
+
+def config_from_metadata(metadata: dict, source, fix: str) -> DiTConfig:
+    """The DiTConfig recorded in a graph's (or an engine sidecar's) metadata; :class:`ArtifactError`
+    naming ``source`` and ``fix`` when it is missing or unreadable."""
+    from ditrt.contracts.errors import ArtifactError
+
+    text = metadata.get(METADATA_KEY)
+    if text is None:
+        raise ArtifactError(f"{source} does not record its model config ({METADATA_KEY} metadata); {fix}")
+    try:
+        return DiTConfig.from_dict(json.loads(text))
+    except (ValueError, TypeError) as e:
+        raise ArtifactError(f"{source} has an unreadable model config ({e}); {fix}") from None

@@ -32,6 +32,7 @@ from ditrt import __version__
 from ditrt.contracts.errors import ConfigError
 from ditrt.contracts.files import atomic_write, state_dict_hash, tensors_sha256
 from ditrt.contracts.groups import group_graph_path, write_manifest
+from ditrt.contracts.model_config import config_metadata
 from ditrt.contracts.recipe import Recipe
 from ditrt.contracts.spec import INPUT_NAMES, OUTPUT_NAMES, DiTSpec
 from ditrt.models.dit import DiT, TimestepEmbedder
@@ -211,7 +212,7 @@ def _export_float(traced: DiT, opset: int, batch: int):
 def _metadata(model: DiT, dtype: str, model_hash: str, recipe: Recipe | None, tensors) -> dict[str, str]:
     meta = {
         "ditrt.version": __version__,
-        "ditrt.model_config": json.dumps(model.config.to_dict(), sort_keys=True),
+        **config_metadata(model.config),
         "ditrt.model_hash": model_hash,
         "ditrt.dtype": dtype,
         "ditrt.precision": recipe.precision if recipe is not None else dtype,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ditrt.contracts.errors import ArtifactError
-from ditrt.contracts.groups import read_artifact, read_manifest
+from ditrt.contracts.groups import read_manifest
 from ditrt.contracts.recipe import batch_timestep_group
 
 
@@ -33,12 +33,6 @@ class TimestepGroupDenoiser:
         """One denoiser per file of the manifest, from ``make(file)``; ``kind``: "onnx" or "tensorrt"."""
         edges, graphs = read_manifest(path, kind)
         return cls([make(g) for g in graphs], edges)
-
-    @classmethod
-    def from_artifact(cls, path, make: Callable[[Path], object]) -> TimestepGroupDenoiser:
-        """One denoiser per file of a manifest, or a single group for a single graph or engine."""
-        _, edges, files = read_artifact(path)
-        return cls([make(f) for f in files], edges)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if len(self.denoisers) == 1:  # a single graph: no per-call group lookup (it would read t back from the GPU)

@@ -124,18 +124,10 @@ class OnnxRuntimeDenoiser:
 
 
 def graph_config(metadata: dict, path):
-    """The DiTConfig an exported graph records in its ``ditrt.model_config`` metadata."""
-    import json
+    """The DiTConfig an exported graph records in its metadata."""
+    from ditrt.contracts.model_config import config_from_metadata
 
-    from ditrt.contracts.model_config import DiTConfig
-
-    text = metadata.get("ditrt.model_config")
-    if text is None:
-        raise ArtifactError(f"{path} does not record its model config (ditrt.model_config metadata); re-export it with `ditrt export`")
-    try:
-        return DiTConfig.from_dict(json.loads(text))
-    except (ValueError, TypeError) as e:
-        raise ArtifactError(f"{path} has an unreadable ditrt.model_config ({e}); re-export it with `ditrt export`") from None
+    return config_from_metadata(metadata, path, "re-export it with `ditrt export`")
 
 
 def open_onnxruntime(artifact, *, device: str = "cpu", threads: int | None = None):

@@ -240,19 +240,10 @@ class TensorRTDenoiser:
 
 def engine_config(sidecar, engine_path):
     """The DiTConfig of the graph an engine was built from (its sidecar keeps the graph's metadata)."""
-    import json
+    from ditrt.contracts.model_config import config_from_metadata
 
-    from ditrt.contracts.model_config import DiTConfig
-
-    text = sidecar.onnx_metadata.get("ditrt.model_config")
-    if text is None:
-        raise ArtifactError(
-            f"engine {engine_path} does not record its model config; rebuild it with `ditrt build` from a graph made by `ditrt export`"
-        )
-    try:
-        return DiTConfig.from_dict(json.loads(text))
-    except (ValueError, TypeError) as e:
-        raise ArtifactError(f"engine {engine_path} has an unreadable model config ({e}); rebuild it with `ditrt build`") from None
+    return config_from_metadata(sidecar.onnx_metadata, f"engine {engine_path}",
+                                "rebuild it with `ditrt build` from a graph made by `ditrt export`")  # fmt: skip
 
 
 def open_tensorrt(artifact, *, device: str = "cuda", onnx=None, use_cuda_graph: bool = False):
