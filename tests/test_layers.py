@@ -19,7 +19,7 @@ ROOT = Path(ditrt.__file__).parent
 #: top-level package or module -> its layer
 LAYER_OF = {
     "contracts": "contracts", "__init__": "contracts",
-    "models": "foundation", "diffusion": "foundation", "data": "foundation", "quality": "foundation", "training": "foundation",
+    "models": "foundation", "diffusion": "foundation", "data": "foundation", "quality": "foundation", "training": "foundation", "distributed": "foundation",
     "calibrate": "calibrate", "export": "export", "engines": "engines", "runtime": "runtime",
     "compare": "compare", "pipeline": "compare", "cli": "cli", "__main__": "cli",
 }  # fmt: skip
