@@ -41,11 +41,12 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        """Whether a process group is joined (collectives run through it, even for one rank)."""
+        return self.backend is not None
 
     def device(self, device: str) -> str:
         """The device this rank uses for ``device``: ``cuda`` becomes ``cuda:LOCAL_RANK`` (one GPU per process)."""
-        if self.distributed and str(device) == "cuda":
+        if self.distributed and str(device) == "cuda":  # torchrun: one GPU per local rank
             return f"cuda:{self.local_rank}"
         return str(device)
 
@@ -54,8 +55,9 @@ SINGLE = World()
 
 
 def launched() -> bool:
-    """Whether torchrun (or another launcher setting its variables) started this process with more than one rank."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether torchrun (or another launcher setting its variables) started this process: then it joins a
+    process group, also as the only rank (``--nproc_per_node 1`` checks the NCCL path on one GPU)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
 def current() -> World:
@@ -69,8 +71,8 @@ def current() -> World:
 def process_group(device: str = "cpu"):
     """Join the torchrun world for the duration of the block; yields the :class:`World`.
 
-    Without torchrun's variables (or with ``WORLD_SIZE=1``) nothing is initialised and the world is
-    :data:`SINGLE`. A group that is already initialised (a caller's) is used and left alone."""
+    Without torchrun's variables nothing is initialised and the world is :data:`SINGLE`. A group that is
+    already initialised (a caller's) is used and left alone."""
     if not launched():
         yield SINGLE
         return
