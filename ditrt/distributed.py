@@ -107,6 +107,17 @@ def my_chunks(num_chunks: int, world: World) -> list[int]:
     return list(range(world.rank, num_chunks, world.size))
 
 
+def map_items(fn, items, world: World) -> list:
+    """``[fn(item) for item in items]`` with each rank computing its share (round robin, one item a chunk)
+    and every rank getting every result, in item order. For independent jobs whose result depends only
+    on the item; ``fn`` returns small picklable CPU data (results travel as objects)."""
+    mine = {i: fn(items[i]) for i in my_chunks(len(items), world)}
+    merged: dict = {}
+    for part in all_gather_objects(mine, world):
+        merged.update(part)
+    return [merged[i] for i in range(len(items))]
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
