@@ -3,15 +3,24 @@ classifier-free guidance, around any :class:`Denoiser`.
 
 The denoiser is only ever called as ``denoiser(x, t, y)`` with torch tensors on ``device``:
 ``x`` (B, C, H, W), ``t`` (B,) float timesteps of the 1000-step training schedule, ``y`` (B,)
-int64 labels where ``num_classes`` is the null class. With guidance the batch is doubled
-(conditional half first, null-class half second) into one call, as the official DiT code does.
+int64 labels where ``num_classes`` is the null class; it must return its output on that device
+too (the rule of :mod:`ditrt.runtime.open`). With guidance the batch is doubled (conditional half
+first, null-class half second) into one call, as the official DiT code does.
 
-Noise comes from one ``torch.Generator`` per sample seeded with that sample's seed, so a sample
-depends only on (seed, label, settings): two models sampled with the same seeds are paired.
+Noise comes from one CPU ``torch.Generator`` per sample seeded with that sample's seed, so a sample
+depends only on (seed, label, settings), whatever device it is sampled on: two models sampled with
+the same seeds are paired, on the CPU and on a GPU alike (a CUDA generator would draw other numbers).
+
+Between denoiser calls everything stays on ``device``, and on a GPU the host never waits for it
+inside the loop: the schedule's coefficients are moved there once per run, each step's noise is
+drawn on the host when that step needs it (while the GPU still works on earlier steps) and copied
+from pinned memory without blocking, and the NaN/inf check of the model output is kept on the
+device and read every :data:`FINITE_CHECK_EVERY` steps and at the end (on the CPU: every step).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -64,11 +73,40 @@ def guided_output(
     return torch.cat([eps, cond[:, k:]], dim=1)
 
 
+#: on a GPU, how many steps run between two reads of the on-device NaN/inf flag (each read waits for the GPU)
+FINITE_CHECK_EVERY = 25
+
+
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], *, device, dtype=torch.float32) -> tuple[torch.Tensor, list]:
-    """x_T for each seed and the per-sample generators that continue its noise stream."""
-    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-    x = torch.stack([torch.randn(shape, generator=g, device=device, dtype=dtype) for g in gens])
-    return x, gens
+    """x_T for each seed (on ``device``) and the per-sample CPU generators that continue its noise stream."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return _draw(gens, shape, device, dtype), gens
+
+
+def _draw(gens: list, shape: tuple[int, ...], device, dtype=torch.float32) -> torch.Tensor:
+    """One draw of ``shape`` from each generator, stacked (N, *shape), on ``device``."""
+    return to_device(torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in gens]), device)
+
+
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """``x`` on ``device``; a CPU tensor goes to a GPU from pinned memory without making the host wait."""
+    device = torch.device(device)
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
+
+
+def on_device(schedule: Schedule, device) -> Schedule:
+    """A copy of ``schedule`` whose tensors live on ``device`` (the same object on the CPU), so that
+    no step copies a coefficient from the host."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return schedule
+    moved = copy.copy(schedule)
+    for name, value in vars(schedule).items():
+        if isinstance(value, torch.Tensor):
+            setattr(moved, name, value.to(device))
+    return moved
 
 
 def sample(
@@ -103,14 +141,16 @@ def sample(
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if len(bad):
         raise InputError(f"class id {int(bad[0])} is out of range: this model has classes 0..{num_classes - 1}")
-    schedule = make_schedule(config.steps)
+    host_schedule = make_schedule(config.steps)
     device = torch.device(device)
-    y = labels.to(device)
+    schedule = on_device(host_schedule, device)
+    y = to_device(labels, device)
     x, gens = initial_noise(seeds, image_shape, device=device)
     shape = (len(labels), *image_shape)
     if noise is not None:
         x = _given(noise, shape, "noise", device)
     draw = _step_noise(step_noise, shape, schedule.num_steps, device, gens)
+    finite = _FiniteCheck(host_schedule, device)
     ddim = schedule.spacing.startswith("ddim")
     steps = range(schedule.num_steps - 1, -1, -1)
     if progress:
@@ -119,9 +159,10 @@ def sample(
         steps = tqdm(steps, desc=f"sampling {len(seeds)} x {schedule.num_steps} steps", unit="step", leave=False)
     with torch.no_grad():
         for n_done, i in enumerate(steps):
-            x = _step(denoiser, schedule, x, i, y, draw, config, num_classes, ddim, n_done)
+            x = _step(denoiser, schedule, x, i, y, draw, config, num_classes, ddim, n_done, finite)
             if on_step is not None:
                 on_step(n_done + 1, schedule.num_steps)
+    finite.done()
     return x
 
 
@@ -129,17 +170,53 @@ class NonFiniteOutputError(InputError):
     """The denoiser returned NaN or inf: broken weights, an overflowing float16 engine, a bad quantization."""
 
 
+class _FiniteCheck:
+    """Stops a run whose model output holds NaN or inf, naming the first such step.
+
+    ``every=1`` (the default on the CPU) checks each step as it comes. Elsewhere reading a flag back
+    would make the host wait for the device at every step, so the index of the first bad step is
+    kept on the device and read every ``every`` steps (:data:`FINITE_CHECK_EVERY`) and at the end; a
+    meta tensor holds no values and is never read."""
+
+    def __init__(self, schedule: Schedule, device: torch.device, every: int | None = None):
+        self.schedule, self.readable = schedule, device.type != "meta"
+        self.every = every if every is not None else (1 if device.type == "cpu" else FINITE_CHECK_EVERY)
+        self.first_bad = None if self.every == 1 else torch.full((), -1, dtype=torch.int64, device=device)
+
+    def __call__(self, out: torch.Tensor, k: int) -> None:
+        if self.every == 1:
+            if not bool(torch.isfinite(out).all()):
+                self._fail(k)
+            return
+        bad = (self.first_bad < 0) & ~torch.isfinite(out).all()
+        self.first_bad = torch.where(bad, k, self.first_bad)
+        if (k + 1) % self.every == 0:
+            self.done()
+
+    def done(self) -> None:
+        if self.first_bad is not None and self.readable and int(self.first_bad) >= 0:
+            self._fail(int(self.first_bad))
+
+    def _fail(self, k: int):
+        s = self.schedule
+        t = float(s.timestep_map[s.num_steps - 1 - k])
+        raise NonFiniteOutputError(
+            f"the denoiser returned NaN/inf at step {k + 1} of {s.num_steps} (t={t:g}): check the model's weights "
+            "(`ditrt check` on a graph), and for a float16 graph or engine try float32"
+        )
+
+
 def _given(value, shape: tuple[int, ...], name: str, device) -> torch.Tensor:
     value = torch.as_tensor(value)
     if tuple(value.shape) != tuple(shape):
         raise InputError(f"{name} must have shape {tuple(shape)} (one per sample), got {tuple(value.shape)}")
-    return value.to(device=device, dtype=torch.float32)
+    return to_device(value.to(dtype=torch.float32), device)
 
 
 def _step_noise(step_noise, shape, num_steps: int, device, gens) -> Callable[[int], torch.Tensor]:
-    """``k -> (N, C, H, W)``: the noise added at sampling step k (0 = the first, noisiest step)."""
+    """``k -> (N, C, H, W)``: the noise added at sampling step k (0 = the first, noisiest step), on ``device``."""
     if step_noise is None:
-        return lambda k: torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=torch.float32) for g in gens])
+        return lambda k: _draw(gens, shape[1:], device)
     if callable(step_noise):
         return lambda k: _given(step_noise(k), shape, f"step_noise({k})", device)
     step_noise = torch.as_tensor(step_noise)
@@ -148,19 +225,18 @@ def _step_noise(step_noise, shape, num_steps: int, device, gens) -> Callable[[in
             f"step_noise must have shape ({num_steps - 1} or {num_steps}, {', '.join(map(str, shape))}) for {num_steps} steps, "
             f"got {tuple(step_noise.shape)}"
         )
-    return lambda k: step_noise[k].to(device=device, dtype=torch.float32)
+    step_noise = step_noise.to(dtype=torch.float32)
+    if torch.device(device).type == "cuda" and step_noise.device.type == "cpu":
+        step_noise = step_noise.pin_memory()  # pinned once, so each step's slice is copied without blocking the host
+    return lambda k: to_device(step_noise[k], device)
 
 
-def _step(denoiser, schedule: Schedule, x, i: int, y, draw, config: SamplerConfig, num_classes: int, ddim: bool, k: int):
+def _step(denoiser, schedule: Schedule, x, i: int, y, draw, config: SamplerConfig, num_classes: int, ddim: bool, k: int, finite):
     n = x.shape[0]
     idx = torch.full((n,), i, dtype=torch.int64, device=x.device)
-    t = schedule.timestep_map.to(x.device)[idx].to(x.dtype)  # the training timestep the model knows
+    t = schedule.timestep_map[idx].to(x.dtype)  # the training timestep the model knows
     out = guided_output(denoiser, x, t, y, null_class=num_classes, cfg_scale=config.cfg_scale, guidance=config.guidance)
-    if not bool(torch.isfinite(out).all()):  # stop here: NaN would otherwise flow silently into every later step
-        raise NonFiniteOutputError(
-            f"the denoiser returned NaN/inf at step {k + 1} of {schedule.num_steps} (t={float(t[0]):g}): check the model's weights "
-            "(`ditrt check` on a graph), and for a float16 graph or engine try float32"
-        )
+    finite(out, k)  # stop there: NaN would otherwise flow silently into every later step
     mean, log_var, x0 = schedule.p_mean_variance(out.to(x.dtype), x, idx, clip_denoised=config.clip_denoised)
     if i == 0:  # the last step returns the mean (no noise), as the reference loops do
         return x0 if ddim else mean

@@ -164,3 +164,92 @@ def test_a_denoiser_returning_nan_stops_the_run_at_that_step(tiny_dit, value):
     assert isinstance(e.value, InputError)
     t3 = int(make_schedule("10").timestep_map[10 - 3])
     assert f"(t={t3})" in str(e.value)
+
+
+class _DeviceChecked:
+    """Wraps a denoiser and asserts, at every call, what the sampler hands it and gets back: x and t
+    float32, y int64, all three on ``device``, and an output on that device too."""
+
+    def __init__(self, denoiser, device):
+        self.denoiser, self.device, self.calls = denoiser, torch.device(device), 0
+
+    def __call__(self, x, t, y):
+        self.calls += 1
+        assert (x.dtype, t.dtype, y.dtype) == (torch.float32, torch.float32, torch.int64)
+        assert x.device == t.device == y.device == self.device, (x.device, t.device, y.device)
+        out = self.denoiser(x, t, y)
+        assert out.device == self.device and out.shape == (x.shape[0], 2 * x.shape[1], *x.shape[2:])
+        return out
+
+
+class _Transfers(torch.overrides.TorchFunctionMode):
+    """Counts the torch calls that return a tensor on another device than their first tensor argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.moves: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor) and args[0].device != out.device:
+            self.moves.append((args[0].device.type, out.device.type))
+        return out
+
+
+@pytest.mark.parametrize("steps", ["6", "ddim6"])
+def test_the_loop_stays_on_its_device_and_never_reads_back_a_step(steps):
+    """The whole DDPM/DDIM loop on the 'meta' device, around a real tiny DiT moved there: a meta tensor
+    has no values, so any per-step read back to the host (``.item()``, ``bool()``, ``.cpu()``) would
+    raise, and so would most ops mixing a host tensor into the math. What this does not see: a
+    0-dim host tensor (allowed next to any device), and whether a GPU kernel would be fast."""
+    model = _DeviceChecked(random_dit(TINY).to("meta"), "meta")
+    cfg = SamplerConfig(steps=steps, cfg_scale=1.5)
+    x = sample(model, cfg, [1, 2, 3], [5, 6, 7], num_classes=10, image_shape=SHAPE, device="meta")
+    assert x.device.type == "meta" and x.shape == (3, *SHAPE) and model.calls == 6
+
+
+def test_host_to_device_copies_are_one_per_step_the_seeded_noise():
+    """Everything else (the schedule's coefficients, labels, x_T) moves once per run: ten more steps
+    cost exactly ten more copies, each of the noise the CPU generators draw for that step."""
+    model = random_dit(TINY).to("meta")
+    counts = {}
+    for n in (5, 15):
+        with _Transfers() as seen:
+            sample(model, SamplerConfig(steps=str(n)), [1, 2], [5, 6], num_classes=10, image_shape=SHAPE, device="meta")
+        assert set(seen.moves) == {("cpu", "meta")}  # nothing ever comes back
+        counts[n] = len(seen.moves)
+    assert counts[15] - counts[5] == 10
+
+
+def test_noise_for_any_device_comes_from_the_seeded_cpu_generators():
+    """x_T for another device is drawn by per-sample CPU generators (a CUDA generator would draw other
+    numbers): after it, each generator is exactly one draw into the seed's CPU stream."""
+    from ditrt.diffusion.sampler import initial_noise
+
+    x, gens = initial_noise([5, 6], SHAPE, device="meta")
+    assert x.device.type == "meta" and x.shape == (2, *SHAPE) and all(g.device.type == "cpu" for g in gens)
+    for seed, g in zip((5, 6), gens):
+        ref = torch.Generator().manual_seed(seed)
+        torch.randn(SHAPE, generator=ref)
+        assert torch.equal(torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=ref))
+
+
+def test_the_deferred_finite_check_names_the_first_bad_step():
+    """The check a GPU run uses (the flag stays on the device, read every few steps and at the end), here on CPU tensors."""
+    from ditrt.diffusion.sampler import NonFiniteOutputError, _FiniteCheck
+    from ditrt.diffusion.schedule import make_schedule
+
+    schedule = make_schedule("10")
+    good, bad = torch.zeros(2, 8), torch.full((2, 8), float("nan"))
+    check = _FiniteCheck(schedule, torch.device("cpu"), every=4)
+    for k in range(2):
+        check(good, k)
+    check(bad, 2)  # not read yet: no error before the 4th step
+    with pytest.raises(NonFiniteOutputError, match=f"at step 3 of 10 \\(t={int(schedule.timestep_map[7])}\\)"):
+        check(good, 3)
+    late = _FiniteCheck(schedule, torch.device("cpu"), every=4)
+    for k in range(6):
+        late(bad if k == 5 else good, k)
+    with pytest.raises(NonFiniteOutputError, match="at step 6 of 10"):
+        late.done()  # the end of the run reads it too
+    _FiniteCheck(schedule, torch.device("meta"), every=4).done()  # nothing to read on meta
