@@ -133,9 +133,10 @@ def ssc_salience(act_saliences: torch.Tensor, w_salience: torch.Tensor) -> tuple
             f"SSC needs activation saliences (T, C) and a weight salience (C,), got {tuple(act_saliences.shape)} "
             f"and {tuple(w_salience.shape)}"
         )
-    rho = torch.tensor([spearman(s, w_salience) for s in act_saliences], dtype=torch.float64)
+    w_salience = w_salience.to(act_saliences.device)
+    rho = torch.tensor([spearman(s, w_salience) for s in act_saliences], dtype=torch.float64)  # (T,) on the CPU
     eta = torch.softmax(-rho, dim=0)
-    s_rho = (eta.to(act_saliences.dtype)[:, None] * act_saliences).sum(dim=0)
+    s_rho = (eta.to(act_saliences)[:, None] * act_saliences).sum(dim=0)
     return s_rho, eta, rho
 
 

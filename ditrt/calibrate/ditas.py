@@ -26,6 +26,7 @@ from ditrt.calibrate.observe import capture_layer_inputs
 from ditrt.calibrate.scale_search import activation_scale, weight_scale
 from ditrt.contracts.quantizers import fake_quant, fake_quant_weight
 from ditrt.diffusion.recording import CalibBatch
+from ditrt.distributed import SINGLE, World, map_items
 
 #: The paper's alpha grid {0, 0.05, ..., 1}.
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
@@ -141,24 +142,27 @@ def ditas_factors(
     seed: int = 0,
     device: str = "cpu",
     reports: dict | None = None,
+    world: World = SINGLE,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
     """DiTAS divisors of the balanced ``layers``: ``({layer: d (C,) on the CPU}, {layer: alpha or None})``.
 
     Inputs are captured once, on the unmodified model, and every layer is searched independently, so
     the factors can all be folded together afterwards (``balance.apply_balance``). The search runs on ``device``.
     ``reports``: if given, filled with a :class:`ditrt.calibrate.balance.BalanceReport` per layer (the
-    channels whose temporal-aggregated or weight salience was degenerate keep d = 1).
+    channels whose temporal-aggregated or weight salience was degenerate keep d = 1). In a torchrun
+    ``world`` the ranks share the capture's slices and the layers' searches; every rank gets every result.
     """
-    captured = capture_layer_inputs(model, layers, batches, tokens_per_batch=tokens_per_batch, seed=seed, device=device)
-    factors, alphas = {}, {}
-    for name in layers:
-        linear = model.get_submodule(name)
-        seen = captured[name]
+    captured = capture_layer_inputs(model, layers, batches, tokens_per_batch=tokens_per_batch, seed=seed, device=device, world=world)
+
+    def search(name: str):
+        linear, seen = model.get_submodule(name), captured[name]
+        weight = linear.weight.detach()
         bias = None if linear.bias is None else linear.bias.detach()
-        d, alphas[name], _ = search_alpha(
-            seen.rows.to(device), seen.channel_max.to(device), linear.weight.detach(), bias, quant, grid=grid
-        )
-        factors[name] = d.cpu()
-        if reports is not None:
-            reports[name] = B.BalanceReport.of(name, factors[name], seen.channel_max, B.weight_salience(linear.weight.detach().float().cpu()))
-    return factors, alphas
+        d, alpha, _ = search_alpha(seen.rows.to(device), seen.channel_max.to(device), weight, bias, quant, grid=grid)
+        d = d.cpu()
+        return d, alpha, B.BalanceReport.of(name, d, seen.channel_max.cpu(), B.weight_salience(weight.float().cpu()))
+
+    results = dict(zip(layers, map_items(search, layers, world)))
+    if reports is not None:
+        reports.update({name: report for name, (_, _, report) in results.items()})
+    return {n: d for n, (d, _, _) in results.items()}, {n: a for n, (_, a, _) in results.items()}

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from ditrt.contracts.errors import ConfigError
 from ditrt.contracts.precisions import INT4_BLOCK_SIZES, Precision
 from ditrt.contracts.recipe import METHODS
+from ditrt.distributed import SINGLE, World
 
 if TYPE_CHECKING:  # torch and the method code load when a method runs: the CLI reads this registry for its options
     import torch
@@ -94,8 +95,9 @@ class QDiTSettings:
 class Step:
     """What the procedure hands a method: the working copy ``model`` (balanced in place), the quantized
     ``layers``, the balanceable ``targets`` among them, the recorded ``batches``, the ``precision``,
-    the ``config`` (:class:`ditrt.calibrate.ptq.CalibrateConfig`), the ``device``, and ``details``,
-    the method's record that goes into ``recipe.details``."""
+    the ``config`` (:class:`ditrt.calibrate.ptq.CalibrateConfig`), the ``device``, the torchrun ``world``
+    whose ranks share the observation passes, and ``details``, the method's record that goes into
+    ``recipe.details``."""
 
     model: nn.Module
     layers: list[str]
@@ -104,6 +106,7 @@ class Step:
     precision: Precision
     config: object
     device: str = "cpu"
+    world: World = SINGLE
     details: dict = field(default_factory=dict)
 
     @property
@@ -165,8 +168,13 @@ class Method:
 
 
 def _fold(step: Step, factors: dict[str, torch.Tensor], reports: dict[str, B.BalanceReport]) -> Balanced:
+    """Fold ``factors`` into the working model. Every rank computed the same factors from the same
+    reduced statistics; each folds rank 0's, so the ranks' models cannot drift apart even where a GPU
+    kernel is not bit-reproducible from one device to another."""
     from ditrt.calibrate.balance import apply_balance
+    from ditrt.distributed import broadcast_object
 
+    factors = broadcast_object({n: d.cpu() for n, d in factors.items()}, step.world)
     apply_balance(step.model, factors)
     return Balanced(tuple(factors), reports)
 
@@ -194,7 +202,7 @@ class _Salience(Method):
 
         if not self.applies(step.precision):
             return None
-        stats = observe_linear_inputs(step.model, step.targets, step.batches, device=step.device, seed=step.seed)
+        stats = observe_linear_inputs(step.model, step.targets, step.batches, device=step.device, seed=step.seed, world=step.world)
         factors, reports = {}, {}
         for name, st in stats.items():  # compute every factor on the unmodified model, then fold them all
             w_sal = B.weight_salience(step.model.get_submodule(name).weight.detach().float())
@@ -248,7 +256,8 @@ class DiTAS(Method):
         p, config = step.precision, step.config
         quant = LayerQuant(p.weight_bits, p.act_bits, p.weight_granularity, step.block, config.weight_scale_search, config.act_scale_search)
         reports: dict = {}
-        factors, alphas = ditas_factors(step.model, step.targets, step.batches, quant, seed=step.seed, device=step.device, reports=reports)
+        factors, alphas = ditas_factors(step.model, step.targets, step.batches, quant, seed=step.seed, device=step.device,
+                                        reports=reports, world=step.world)  # fmt: skip
         step.details["alpha"] = alphas
         return _fold(step, factors, reports)
 

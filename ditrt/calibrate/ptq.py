@@ -7,6 +7,26 @@ tensors, ModelOpt's ``quantize(model, config, forward_loop)`` shape. The method 
 it for the steps it takes and never branches on its name. Balancing is folded into the weights
 offline (PTQ4DiT's re-parameterization), so the recipe's float model computes exactly what the
 original computes and nothing is left for run time.
+
+Several processes (``torchrun``; pass their ``world``) compute the recipe a single process computes,
+bit for bit: the observation passes run in fixed row slices (:data:`ditrt.calibrate.observe.OBSERVE_ROWS`)
+shared over the ranks and their statistics reduce exactly (maxima by all-reduce, value subsets chosen
+by index in the whole batch); the per-layer weight and activation scale searches and DiTAS' alpha
+searches are shared by layer and gathered. The rest runs identically on every rank: balancing
+factors from the reduced statistics (every rank folds rank 0's), Q-DiT's block search, and block
+reconstruction. Only the caller's rank 0 should write the result.
+
+Device memory on ``device`` for DiT-XL/2 (675M parameters, 256 tokens, hidden 1152), expected peak
+about 6 GB without reconstruction: the caller's model and the working copy, 2 x 2.7 GB in float32;
+one observation slice of 16 rows (4096 tokens): its largest activations are the MLP's 4096 x 4608
+(75 MB each, a few alive at once) and the attention maps 16 x 16 heads x 256 x 256 (67 MB, two alive),
+under 0.5 GB in all; the statistics: per quantized Linear 25 steps x (C + 4096 values) floats, about
+70 MB for the 112 Linears (DiTAS' captured rows add 25 x 64 x 1152 floats per balanced layer, 0.6 GB);
+a weight scale search holds a few copies of one weight (fc1: 21 MB each). The recorded batches stay on
+the CPU (25 x 64 rows x 4 x 32 x 32: 26 MB) and go to the device a slice at a time, so the peak does
+not grow with --calib-samples. Block reconstruction (opt-in) adds two more model copies, its cached
+block inputs and targets (7.5 GB at 25 x 64 rows, see :func:`ditrt.calibrate.reconstruct.reconstruct`)
+and one block's training activations: about 20 GB.
 """
 
 from __future__ import annotations
@@ -27,6 +47,7 @@ from ditrt.contracts.files import state_dict_hash
 from ditrt.contracts.precisions import get_precision
 from ditrt.contracts.recipe import Recipe
 from ditrt.diffusion.recording import CalibBatch
+from ditrt.distributed import SINGLE, World, map_items
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +74,14 @@ def group_batches(batches: list[CalibBatch], k: int) -> tuple[list[list[CalibBat
     return groups, edges
 
 
-def calibrate(model: nn.Module, config: CalibrateConfig, forward_loop: list[CalibBatch], *, device: str = "cpu") -> tuple[Recipe, dict]:
-    """Quantize ``model`` (left untouched) with ``config`` on the calibration data ``forward_loop``: the
-    recorded batches ``[(x (N, C, H, W), t (N,), y (N,)), ...]`` of
+def calibrate(model: nn.Module, config: CalibrateConfig, forward_loop: list[CalibBatch], *, device: str = "cpu",
+              world: World = SINGLE) -> tuple[Recipe, dict]:  # fmt: skip
+    """Quantize ``model`` (left untouched; on ``device``) with ``config`` on the calibration data
+    ``forward_loop``: the recorded batches ``[(x (N, C, H, W), t (N,), y (N,)), ...]`` of
     :func:`ditrt.diffusion.recording.record_calibration_inputs`, noisiest step first (each batch is
-    run through the model several times, with observation hooks installed around it)."""
+    run through the model several times, in slices, with observation hooks installed around it).
+    ``world``: the torchrun job whose ranks share the work; each rank passes the same batches and gets
+    the same recipe, and the returned tensors are on the CPU."""
     import copy
 
     batches = _batches(forward_loop)
@@ -78,7 +102,7 @@ def calibrate(model: nn.Module, config: CalibrateConfig, forward_loop: list[Cali
     notes += method.notes(p)
 
     targets = [n for n in layers if n.split(".", 2)[-1] in BALANCED and n.startswith("blocks.")]
-    step = Step(work, layers, targets, batches, p, config, device)
+    step = Step(work, layers, targets, batches, p, config, device, world)
     balanced: Balanced | None = method.balance(step)
     searched = method.block_sizes(step)
     blocks = searched if searched is not None else {n: step.block or 0 for n in layers}
@@ -89,18 +113,21 @@ def calibrate(model: nn.Module, config: CalibrateConfig, forward_loop: list[Cali
             log.info("balancing left %d channels at d = 1 (degenerate salience): %s", balanced.skipped, balanced.summary()["per_layer"])
 
     tensors = {f"model.{k}": v.detach().cpu() for k, v in work.state_dict().items()}
-    for name in layers:
-        w = work.get_submodule(name).weight.detach().float().cpu()
-        block = blocks[name]
+
+    def scales_of_weight(name: str):  # on the device, one layer per rank at a time
+        w, block = work.get_submodule(name).weight.detach().float(), blocks[name]
         scale, zp = weight_scale(w, w_bits, granularity="block" if block else "channel", block_size=block or None,
                                  symmetric=config.symmetric, search=config.weight_scale_search)  # fmt: skip
+        return scale.cpu(), None if zp is None else zp.cpu()
+
+    for name, (scale, zp) in zip(layers, map_items(scales_of_weight, layers, world)):
         tensors[f"quant.{name}.weight_scale"] = scale
         if zp is not None:
             tensors[f"quant.{name}.weight_zero_point"] = zp
     edges: tuple[float, ...] = ()
     if a_bits is not None:  # activation scales are measured on the balanced model, per timestep group
         groups, edges = group_batches(batches, config.timestep_groups)
-        per_group = [_activation_scales(work, layers, g, a_bits, config, device) for g in groups]
+        per_group = [_activation_scales(work, layers, g, a_bits, config, device, world) for g in groups]
         for name in layers:
             scales = [pg[name] for pg in per_group]
             for key, i in (("input_scale", 0), ("input_zero_point", 1)):
@@ -116,7 +143,7 @@ def calibrate(model: nn.Module, config: CalibrateConfig, forward_loop: list[Cali
         timestep_group_edges=edges, dynamic_activations=config.dynamic_activations, details=details, notes=tuple(notes),
     )  # fmt: skip
     if config.reconstruct:
-        recipe, tensors = _reconstruct(model, recipe, tensors, batches, config, device)
+        recipe, tensors = _reconstruct(model, recipe, tensors, batches, config, device, progress=world.is_main)
     return recipe, tensors
 
 
@@ -131,16 +158,20 @@ def _batches(forward_loop) -> list[CalibBatch]:
     return list(forward_loop)
 
 
-def _activation_scales(work, layers, batches, a_bits, config, device) -> dict[str, tuple]:
-    stats = observe_linear_inputs(work, layers, batches, device=device, seed=config.calibration.seed)
-    return {
-        name: activation_scale(stats[name].sample_values(), a_bits, symmetric=config.symmetric, search=config.act_scale_search,
-                               absmax=stats[name].absmax)
-        for name in layers
-    }
+def _activation_scales(work, layers, batches, a_bits, config, device, world: World) -> dict[str, tuple]:
+    """``{layer: (scale, zero point or None)}`` (CPU) from the reduced statistics, layers shared over the ranks."""
+    stats = observe_linear_inputs(work, layers, batches, device=device, seed=config.calibration.seed, world=world)
+
+    def search(name: str):
+        scale, zp = activation_scale(stats[name].sample_values(), a_bits, symmetric=config.symmetric,
+                                     search=config.act_scale_search, absmax=stats[name].absmax)  # fmt: skip
+        return scale.cpu(), None if zp is None else zp.cpu()
+
+    return dict(zip(layers, map_items(search, layers, world)))
 
 
-def _reconstruct(model, recipe: Recipe, tensors: dict, batches, config: CalibrateConfig, device) -> tuple[Recipe, dict]:
+def _reconstruct(model, recipe: Recipe, tensors: dict, batches, config: CalibrateConfig, device, *,
+                 progress: bool) -> tuple[Recipe, dict]:  # fmt: skip
     """Block reconstruction on a single-group view of the recipe; grouped activation scales are kept as
     calibrated (reconstruction learns one step size per layer, over every timestep)."""
     import dataclasses
@@ -156,7 +187,7 @@ def _reconstruct(model, recipe: Recipe, tensors: dict, batches, config: Calibrat
     if grouped:  # one scale for reconstruction: the widest group's
         for name in recipe.layers:
             view[f"quant.{name}.input_scale"] = tensors[f"quant.{name}.input_scale"].amax()
-    new, report = reconstruct(model, single, view, batches, settings, device=device, progress=True)
+    new, report = reconstruct(model, single, view, batches, settings, device=device, progress=progress)
     if grouped:
         for name in recipe.layers:
             new[f"quant.{name}.input_scale"] = tensors[f"quant.{name}.input_scale"]
