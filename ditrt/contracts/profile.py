@@ -9,6 +9,10 @@ half; see :func:`ditrt.diffusion.sampler.guided_output`), so a user who samples 
 at once needs an engine batch of 2N. The engine profile is therefore
 ``min = batch_min`` (not doubled: an unguided call at ``batch_min`` still fits),
 ``opt = 2 * batch_opt`` and ``max = 2 * batch_max``.
+
+:func:`images_per_call` is the one place that turns an engine's rows back into images per sampler
+call (the runtime, ``ditrt sample`` and the pipeline all ask it), and :func:`build_for_calls` the
+one place that sizes an engine for the calls a run will make.
 """
 
 from __future__ import annotations
@@ -81,6 +85,41 @@ class BuildConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> BuildConfig:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def rows_per_image(guided: bool) -> int:
+    """Network rows per image of one sampler call: 2 with classifier-free guidance (conditional and null-class rows)."""
+    return 2 if guided else 1
+
+
+def images_per_call(max_rows: int | None, *, guided: bool, source: str = "the engine", min_rows: int = 1) -> int | None:
+    """The most images one sampler call may hold on a backend that takes ``min_rows..max_rows`` rows
+    per call (an engine's profile; None: any number, e.g. a graph with a dynamic batch).
+
+    Raises :class:`ConfigError` when not even one image fits (an unguided ``--no-cfg`` engine of one
+    row sampled with guidance), instead of a profile error at the first step."""
+    if max_rows is None:
+        return None
+    k = rows_per_image(guided)
+    most = int(max_rows) // k
+    if most < 1 or most * k < min_rows:
+        why = "guidance needs 2 rows per image (conditional and null class)" if guided else "unguided calls take 1 row per image"
+        raise ConfigError(
+            f"{source} takes {min_rows}..{max_rows} rows per call and {why}: sample with "
+            f"{'--cfg-scale 1' if guided else 'guidance'} or rebuild it with `ditrt build --batch` (without --no-cfg for guidance)"
+        )
+    return most
+
+
+def build_for_calls(images: int, *, guided: bool, rows: int = 0, **options) -> BuildConfig:
+    """A :class:`BuildConfig` whose engine runs sampler calls of up to ``images`` images (its opt batch:
+    the calls that repeat at every step) and any call of up to ``rows`` rows (e.g. comparison inputs),
+    down to one image (a run's last, smaller chunk). ``options``: the other BuildConfig fields."""
+    if not isinstance(images, int) or images < 1:
+        raise ConfigError(f"an engine must take at least one image per call, got {images!r}")
+    k = rows_per_image(guided)
+    most = max(images, -(-int(rows) // k))
+    return BuildConfig(batch_min=1, batch_opt=images, batch_max=most, cfg=guided, **options)
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:

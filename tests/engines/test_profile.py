@@ -107,3 +107,31 @@ def test_build_config_round_trip_and_paths():
     d = c.to_dict()
     assert d["timing_cache"] == "cache/t.cache"
     assert BuildConfig.from_dict(d) == c
+
+
+def test_images_per_call_reads_an_engines_rows_back():
+    from ditrt.contracts.profile import images_per_call
+
+    assert images_per_call(None, guided=True) is None  # a graph with a dynamic batch takes any
+    assert images_per_call(32, guided=True) == 16 and images_per_call(32, guided=False) == 32
+    assert images_per_call(7, guided=True) == 3  # an odd row count: whole images only
+    with pytest.raises(ConfigError, match=r"m.plan takes 1..1 rows per call and guidance needs 2 rows.*--cfg-scale 1"):
+        images_per_call(1, guided=True, source="m.plan")  # a --no-cfg engine of one row, sampled with guidance
+    with pytest.raises(ConfigError, match="3..3 rows per call"):
+        images_per_call(3, guided=True, min_rows=3)  # 1 image = 2 rows: below the engine's minimum
+
+
+@pytest.mark.parametrize("guided", [True, False])
+@pytest.mark.parametrize("images", [1, 2, 3, 4, 16])
+def test_an_engine_sized_for_the_calls_of_a_run_takes_them_all(images, guided):
+    """--num 1..3 used to put the default opt batch (4) above max; the sized engine's opt is the chunk."""
+    from ditrt.contracts.profile import build_for_calls, images_per_call, rows_per_image
+
+    config = build_for_calls(images, guided=guided, rows=8)
+    lo, opt, hi = config.engine_batch
+    k = rows_per_image(guided)
+    assert lo == 1 and opt == k * images and opt <= hi and hi >= 8  # also the 8-row comparison inputs
+    assert images_per_call(hi, guided=guided) >= images
+    assert profile_shapes(DIT_INPUTS, config)["x"].opt == (opt, 4, 32, 32)
+    with pytest.raises(ConfigError, match="at least one image"):
+        build_for_calls(0, guided=guided)
