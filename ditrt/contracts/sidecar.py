@@ -10,6 +10,7 @@ Pure: the TensorRT version and the GPU are arguments, so every refusal is testab
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -64,6 +65,11 @@ class EngineSidecar:
     def max_batch(self) -> int | None:
         """The largest engine batch (rows per call, guidance already doubled)."""
         return max((r["max"][0] for r in self.profile.values()), default=None)
+
+    @property
+    def min_batch(self) -> int | None:
+        """The smallest engine batch (rows per call)."""
+        return max((r["min"][0] for r in self.profile.values()), default=None)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -168,12 +174,7 @@ def verify_sidecar(
             f"this GPU is {gpu_name} ({sm(here)}): engines are specific to one GPU model; {fix} on this GPU"
         )
     if engine_path is not None:
-        if not Path(engine_path).is_file():
-            raise ArtifactError(f"engine {engine_path} not found: {fix}")
-        if file_sha256(engine_path) != sidecar.engine_sha256:
-            raise ArtifactError(
-                f"engine {engine_path} does not match its sidecar (sha256 differs; it was replaced after the build): {fix}"
-            )
+        check_engine_hash(sidecar, engine_path)
     if onnx_path is not None:
         current = onnx_sha256(Path(onnx_path))  # raises ArtifactError if missing or unreadable
         if current != sidecar.onnx_sha256:
@@ -181,3 +182,28 @@ def verify_sidecar(
                 f"the ONNX {onnx_path} changed since engine {engine} was built "
                 f"(sha256 {current[:12]} != {sidecar.onnx_sha256[:12]}): {fix}"
             )
+
+
+def read_engine(sidecar: EngineSidecar, engine_path: Path) -> bytes:
+    """The bytes of ``engine_path``, read once and checked against the hash its sidecar recorded, so
+    that what is deserialized is exactly what was checked (no second read of a file that may change)."""
+    engine_path = Path(engine_path)
+    try:
+        data = engine_path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"cannot read engine {engine_path} ({e.strerror or e}): {sidecar.rebuild_hint(engine_path)}") from None
+    check_engine_hash(sidecar, engine_path, data)
+    return data
+
+
+def check_engine_hash(sidecar: EngineSidecar, engine_path: Path, data: bytes | None = None) -> None:
+    """Refuse an engine file (or ``data``, the bytes read from it) whose sha256 is not its sidecar's."""
+    fix = sidecar.rebuild_hint(engine_path)
+    if data is None:
+        if not Path(engine_path).is_file():
+            raise ArtifactError(f"engine {engine_path} not found: {fix}")
+        digest = file_sha256(engine_path)
+    else:
+        digest = hashlib.sha256(data).hexdigest()
+    if digest != sidecar.engine_sha256:
+        raise ArtifactError(f"engine {engine_path} does not match its sidecar (sha256 differs; it was replaced after the build): {fix}")

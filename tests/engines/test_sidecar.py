@@ -108,6 +108,28 @@ def test_replaced_engine_is_refused(built):
         _verify(sidecar, engine_path=engine)
 
 
+def test_the_engine_is_read_once_and_its_bytes_are_the_checked_ones(built):
+    """read_engine returns the very bytes it hashed (what the runtime deserializes); replaced bytes are refused."""
+    from ditrt.contracts.sidecar import check_engine_hash, read_engine
+
+    engine, _, sidecar = built
+    data = read_engine(sidecar, engine)
+    assert data == engine.read_bytes() and hashlib.sha256(data).hexdigest() == sidecar.engine_sha256
+    check_engine_hash(sidecar, engine, data)
+    with pytest.raises(ArtifactError) as e:
+        check_engine_hash(sidecar, engine, data + b"!")
+    assert "does not match its sidecar" in _one_line(e) and "ditrt build --onnx" in str(e.value)
+    engine.unlink()
+    with pytest.raises(ArtifactError) as e:
+        read_engine(sidecar, engine)
+    assert "cannot read engine" in _one_line(e) and "ditrt build --onnx" in str(e.value)
+
+
+def test_profile_rows_read_back(built):
+    _, _, sidecar = built
+    assert (sidecar.min_batch, sidecar.max_batch) == (1, 8)  # BuildConfig 1:2:4 images, guidance doubles opt and max
+
+
 def test_missing_sidecar_is_refused(built):
     engine, _, _ = built
     sidecar_path(engine).unlink()
