@@ -147,5 +147,6 @@ def open_onnxruntime(artifact, *, device: str = "cpu", threads: int | None = Non
         raise ArtifactError(f"the graphs of {artifact} record different model configs; re-export them together with `ditrt export`")
     batch = sessions[0].input_shapes["x"][0]
     meta = sessions[0].metadata
+    computes = str(device) if providers and "CUDAExecutionProvider" in sessions[0].providers else "cpu"
     return OpenDenoiser(TimestepGroupDenoiser(sessions, edges), configs[0], "onnxruntime", str(artifact), meta.get("ditrt.precision"),
-                        max_rows=batch if isinstance(batch, int) else None, metadata=meta)  # fmt: skip
+                        max_rows=batch if isinstance(batch, int) else None, metadata=meta, device=computes)  # fmt: skip

@@ -10,6 +10,17 @@ artifact decides the backend (:func:`artifact_backend`):
 - an ``.onnx`` graph or a graph manifest ``.groups.json``: ONNX Runtime (:mod:`ditrt.runtime.onnxruntime_backend`);
 - a ``.plan``/``.engine`` or an engine manifest: TensorRT (:mod:`ditrt.runtime.tensorrt_backend`).
 
+**The device rule**: every denoiser returns its output on the device of its input ``x`` (copying
+inputs to where it computes and the output back when they differ), and says where it computes in
+:attr:`OpenDenoiser.device`. Callers sample on ``opened.device``, so that nothing crosses between
+host and GPU at each step: the DDPM math of :func:`ditrt.diffusion.sampler.sample` stays on that
+device between calls. The torch backend computes on the ``device`` it was opened with, ONNX Runtime
+on the CPU (or CUDA with its CUDA provider, onnxruntime-gpu), TensorRT on a CUDA device.
+
+**Batch sizes**: :meth:`OpenDenoiser.images_per_call` (an engine's profile read back through
+:func:`ditrt.contracts.profile.images_per_call`) is how many images one sampler call may hold; every
+caller that chunks a run (``ditrt sample``, the pipeline) asks it.
+
 A new backend is one module with a factory ``open_<name>(artifact, *, device, **options) -> OpenDenoiser``
 and one :data:`BACKENDS` entry. Backend modules are imported only when an artifact of theirs is opened,
 so importing this module loads no backend, no model code and no TensorRT.
@@ -64,8 +75,9 @@ class OpenDenoiser:
 
     ``denoiser(x (B, C, H, W), t (B,), y (B,)) -> (B, out_channels, H, W)`` float32 on ``x``'s device
     (a TensorRT output is a reused buffer: use it before the next call). ``config``: the DiTConfig the
-    artifact records. ``max_rows``: the largest batch one call takes (an engine's profile max), None =
-    any. ``model``: the torch module behind a torch backend (None for graphs and engines)."""
+    artifact records. ``max_rows``/``min_rows``: the largest/smallest batch one call takes (an engine's
+    profile), None = any. ``model``: the torch module behind a torch backend (None for graphs and
+    engines). ``device``: where the backend computes, the device to sample on (see the module doc)."""
 
     denoiser: Callable
     config: object  # ditrt.contracts.model_config.DiTConfig
@@ -75,6 +87,8 @@ class OpenDenoiser:
     max_rows: int | None = None
     model: object | None = None
     metadata: dict = field(default_factory=dict)
+    device: str = "cpu"
+    min_rows: int = 1
 
     def __call__(self, x, t, y):
         """The denoiser itself: with ``config`` this makes an OpenDenoiser a model for samplers and recorders."""
@@ -86,9 +100,11 @@ class OpenDenoiser:
         return self.images_per_call(guided=True)
 
     def images_per_call(self, *, guided: bool) -> int | None:
-        if self.max_rows is None:
-            return None
-        return self.max_rows // 2 if guided else self.max_rows
+        """The most images one sampler call may hold (guidance doubles the rows); None = any. A
+        :class:`ConfigError` when not even one image fits (see :func:`ditrt.contracts.profile.images_per_call`)."""
+        from ditrt.contracts.profile import images_per_call
+
+        return images_per_call(self.max_rows, guided=guided, source=self.source, min_rows=self.min_rows)
 
     def close(self) -> None:
         close = getattr(self.denoiser, "close", None)

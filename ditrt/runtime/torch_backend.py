@@ -10,7 +10,7 @@ from ditrt.contracts.errors import ArtifactError, ConfigError
 
 
 class TorchDenoiser:
-    """``(x, t, y) -> output`` in float32, running ``model`` in ``dtype`` on ``device``."""
+    """``(x, t, y) -> output`` in float32 on ``x``'s device, running ``model`` in ``dtype`` on ``device``."""
 
     def __init__(self, model: torch.nn.Module, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
         self.model = model.to(device=device, dtype=dtype).eval()
@@ -18,7 +18,8 @@ class TorchDenoiser:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.model(x.to(self.device, self.dtype), t.to(self.device), y.to(self.device)).float()
+            out = self.model(x.to(self.device, self.dtype), t.to(self.device), y.to(self.device)).float()
+        return out.to(x.device)  # a no-op when x is already on the model's device
 
 
 def open_torch(artifact, *, device: str = "cpu", model=None, config_name: str | None = None, num_classes: int | None = None,
@@ -36,7 +37,8 @@ def open_torch(artifact, *, device: str = "cpu", model=None, config_name: str | 
         if model is not None:
             raise ConfigError(f"{artifact} is a checkpoint: sample it directly, or pass it as --model only beside a --recipe")
         net, precision = _checkpoint_model(artifact, config=config_name, num_classes=num_classes, num_heads=num_heads), "fp32"
-    return OpenDenoiser(TorchDenoiser(net, device=device, dtype=dtype), net.config, "torch", str(artifact), precision, model=net)
+    return OpenDenoiser(TorchDenoiser(net, device=device, dtype=dtype), net.config, "torch", str(artifact), precision, model=net,
+                        device=str(device))  # fmt: skip
 
 
 def _checkpoint_model(spec, **load_options):

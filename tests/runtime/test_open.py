@@ -139,3 +139,27 @@ def test_an_engine_without_tensorrt_names_the_install(tmp_path):
     (tmp_path / "g.g0.onnx").touch()
     with pytest.raises(ArtifactError, match="lists ONNX graphs, not TensorRT engines"):
         open_tensorrt(write_manifest(tmp_path / "g.onnx", (), [tmp_path / "g.g0.onnx"], "onnx"))
+
+
+def test_each_backend_says_where_it_computes_and_answers_on_the_inputs_device(art):
+    """The device rule of ditrt.runtime.open: ``opened.device`` is where to sample, and the output comes
+    back on the input's device. Shown here for a checkpoint opened on 'meta' (a real tiny DiT: nothing
+    in its call reads a value or mixes in a host tensor) and a graph in ONNX Runtime on the CPU; the
+    cross-device copies (CPU inputs to a GPU engine and back) need a GPU (tests/tensorrt)."""
+    x, t, y = DiTSpec(TINY).sample_inputs(2, seed=1)
+    on_meta = open_denoiser(art["ckpt"], device="meta")
+    assert on_meta.device == "meta"
+    out = on_meta.denoiser(x.to("meta"), t.to("meta"), y.to("meta"))
+    assert out.device.type == "meta" and out.shape == (2, 8, 8, 8) and out.dtype == torch.float32
+    graph = open_denoiser(art["onnx"])
+    assert graph.device == "cpu" and graph.denoiser(x, t, y).device.type == "cpu"
+
+
+def test_images_per_call_comes_from_the_profile_and_refuses_what_cannot_fit(art):
+    opened = open_denoiser(art["onnx"])
+    assert opened.images_per_call(guided=True) is None  # a dynamic batch
+    opened.max_rows, opened.min_rows = 9, 1
+    assert (opened.images_per_call(guided=True), opened.images_per_call(guided=False), opened.max_images) == (4, 9, 4)
+    opened.max_rows = 1
+    with pytest.raises(ConfigError, match="guidance needs 2 rows per image"):
+        opened.images_per_call(guided=True)
