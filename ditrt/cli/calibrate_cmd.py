@@ -4,6 +4,11 @@ The calibration options are :func:`ditrt.cli.calibration_options.calibration_opt
 ``ditrt pipeline``). ``--steps``, ``--cfg-scale`` and ``--seed`` are hidden, deprecated spellings of
 ``--calib-steps``, ``--calib-cfg-scale`` and ``--calib-seed`` here (``--steps`` means the sampling
 run's schedule on every other command).
+
+Under ``torchrun --nproc_per_node N -m ditrt calibrate ...`` every rank validates the options, joins
+the job (:func:`ditrt.distributed.process_group`; ``--device cuda`` is ``cuda:LOCAL_RANK``), records
+and calibrates its share, and gets the same recipe as a single process; rank 0 alone writes and
+prints it while the others wait, so the command exits together.
 """
 
 from __future__ import annotations
@@ -41,23 +46,44 @@ def calibrate(model_spec, config_name, num_classes, num_heads, device, out_dir, 
     options = _resolve_aliases(options)
     config = calibrate_config_from_options(**options)
     check_writable(out_dir, folder=True)
+    _check_device_per_rank(device)
     device = resolve_device(device)
 
     from ditrt.calibrate.ptq import calibrate as run_calibration
     from ditrt.contracts.recipe import save_recipe
     from ditrt.diffusion.recording import record_calibration_inputs
+    from ditrt.distributed import barrier, process_group
     from ditrt.models.builtin import is_pixel_model, load_model
 
     start = time.time()
-    model = load_model(model_spec, **load_options(config_name, num_classes, num_heads)).to(device)
-    batches = record_calibration_inputs(model, config.calibration, device=device, pixel_space=is_pixel_model(model), progress=True)
-    recipe, tensors = run_calibration(model, config, batches, device=device)
-    with output_folder(out_dir):  # both files or neither, also on Ctrl-C
-        save_recipe(recipe, tensors, out_dir)
-    took = time.time() - start
+    with process_group(device) as world:
+        device = world.device(device)
+        model = load_model(model_spec, **load_options(config_name, num_classes, num_heads)).to(device)
+        batches = record_calibration_inputs(model, config.calibration, device=device, pixel_space=is_pixel_model(model),
+                                            progress=world.is_main, world=world)  # fmt: skip
+        recipe, tensors = run_calibration(model, config, batches, device=device, world=world)
+        if world.is_main:
+            with output_folder(out_dir):  # both files or neither, also on Ctrl-C
+                save_recipe(recipe, tensors, out_dir)
+            _report(recipe, out_dir, time.time() - start, world.size)
+        barrier(world)  # the other ranks wait for the files, so that the job ends when they exist
+
+
+def _check_device_per_rank(device: str) -> None:
+    """Under torchrun each rank takes its own GPU; one named GPU for every rank is refused before any work."""
+    from ditrt.contracts.errors import ConfigError
+    from ditrt.distributed import launched
+
+    if launched() and device.startswith("cuda:"):
+        raise ConfigError(f"--device {device} would put every torchrun rank on one GPU; use --device cuda "
+                          "(rank r takes cuda:LOCAL_RANK) and choose the GPUs with CUDA_VISIBLE_DEVICES")  # fmt: skip
+
+
+def _report(recipe, out_dir, took: float, processes: int) -> None:
+    on = f" on {processes} processes" if processes > 1 else ""
     click.echo(
         f"wrote {out_dir}/recipe.json: {recipe.method} {recipe.precision}, {len(recipe.layers)} layers quantized, "
-        f"{len(recipe.balanced_layers)} balanced, {took:.1f} s"
+        f"{len(recipe.balanced_layers)} balanced, {took:.1f} s{on}"
     )
     balance = recipe.details.get("balance")
     if balance and balance["skipped_channels"]:
