@@ -6,6 +6,12 @@ keyword added later is checked too) and bound against ``inspect.signature`` of P
 classes: their ``__init__`` (following ``**kwargs`` up the class hierarchy, as ``CreateConfig``
 passes most options to its base), the loader's ``__call__``, and methods of objects ditrt made
 (``Profile().add``).
+
+TensorRT 11 removed APIs older Polygraphy releases use unguarded: ``trt.IStreamReader`` (the base of
+Polygraphy's ``FileReader``, behind ``EngineFromPath`` until 0.53.4) and ``ILayer.precision_is_set``
+(read by ``CreateConfig`` for every layer before 0.50.3). ditrt loads engines from the bytes it
+hashed (no stream reader at all) and requires a Polygraphy whose ``CreateConfig`` survives the
+missing attribute; the tests below read both code paths.
 """
 
 from __future__ import annotations
@@ -124,7 +130,7 @@ def test_polygraphy_tensorrt_loaders_import_without_tensorrt():
     code = (
         "import sys, inspect; sys.modules['tensorrt'] = None\n"  # `import tensorrt` now raises ImportError
         "import polygraphy.backend.trt as t\n"
-        "for n in ('NetworkFromOnnxPath', 'CreateConfig', 'EngineBytesFromNetwork', 'EngineFromPath', 'Profile'):\n"
+        "for n in ('NetworkFromOnnxPath', 'CreateConfig', 'EngineBytesFromNetwork', 'Profile'):\n"
         "    inspect.signature(getattr(t, n).__init__)\n"
         "print(len(inspect.signature(t.CreateConfig.__mro__[1].__init__).parameters))"
     )
@@ -143,11 +149,10 @@ def test_every_keyword_ditrt_passes_to_polygraphy_is_in_its_signature():
         ("CreateConfig", "profiles"), ("CreateConfig", "builder_optimization_level"),
         ("CreateConfig", "load_timing_cache"), ("CreateConfig", "memory_pool_limits"),
         ("EngineBytesFromNetwork", "config"), ("EngineBytesFromNetwork", "save_timing_cache"),
-        ("EngineFromPath", "runtime"),
         ("Profile.add", "min"), ("Profile.add", "opt"), ("Profile.add", "max"),
     }  # fmt: skip
     assert expected <= seen, expected - seen
-    assert {"EngineBytesFromNetwork()", "EngineFromPath()"} <= {c.target for c in calls}  # the loaders are run, with no arguments
+    assert {"EngineBytesFromNetwork()"} <= {c.target for c in calls}  # the loader is run, with no arguments
 
 
 def test_a_renamed_or_unknown_keyword_is_reported():
@@ -186,3 +191,77 @@ def test_a_keyword_swallowed_by_kwargs_at_the_top_is_not_taken_on_trust():
 @pytest.mark.parametrize("rel", SOURCES)
 def test_each_source_calls_polygraphy(rel):
     assert polygraphy_calls((ROOT / rel).read_text(), rel), f"{rel} no longer calls Polygraphy: update SOURCES"
+
+
+#: what TensorRT 11 removed that an engine load or a build could reach
+REMOVED_IN_TENSORRT_11 = ("IStreamReader", "FileReader", "EngineFromPath")
+
+
+def _names(tree) -> set[str]:
+    """Every identifier a module uses: names, attributes and imported names."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            out.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            out.add(node.attr)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            out |= {a.name.split(".")[-1] for a in node.names}
+    return out
+
+
+def test_engine_loading_reads_the_hashed_bytes_and_no_stream_reader():
+    """The runtime's load path, read from its source: the bytes read_engine checked against the sidecar
+    go straight to Runtime.deserialize_cuda_engine; no stream reader (trt.IStreamReader is gone in
+    TensorRT 11, and Polygraphy's FileReader subclassed it before 0.53.4) is named anywhere in the
+    runtime or engine code, nor in the Polygraphy functions the runtime calls."""
+    for path in sorted((ROOT / "ditrt" / "runtime").glob("*.py")) + [ROOT / "ditrt" / "engines" / "build.py"]:
+        used = _names(ast.parse(path.read_text()))
+        assert not used & {"IStreamReader", "IStreamReaderV2", "FileReader", "EngineFromPath"}, path
+    source = (ROOT / "ditrt/runtime/tensorrt_backend.py").read_text()
+    tree = ast.parse(source)
+    methods = {f.name: f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+    init, load = methods["__init__"], methods["_deserialize"]
+    reads = [n for n in ast.walk(init) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
+             and getattr(n.value.func, "id", None) == "read_engine"]  # fmt: skip
+    assert len(reads) == 1
+    data = reads[0].targets[0].id
+    handed = [n for n in ast.walk(init) if isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "_deserialize"]
+    assert [[a.id for a in c.args] for c in handed] == [[data]]
+    deserialize = [n for n in ast.walk(load) if isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "deserialize_cuda_engine"]
+    assert len(deserialize) == 1 and [a.id for a in deserialize[0].args] == [load.args.args[1].arg]  # the bytes, not a reader
+    for call in polygraphy_calls(source, "ditrt/runtime/tensorrt_backend.py"):
+        assert not any(name in inspect.getsource(call.obj) for name in REMOVED_IN_TENSORRT_11), call.target
+
+
+def unguarded(source: str, attr: str) -> list[int]:
+    """Lines of ``source`` that read ``.attr`` outside a ``try`` that catches AttributeError."""
+    tree = ast.parse(source)
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try):
+            catches = {ast.unparse(h.type) for h in node.handlers if h.type is not None}
+            if any("AttributeError" in c for c in catches):
+                guarded |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == attr and id(n) not in guarded]
+
+
+def test_the_installed_polygraphy_builds_on_tensorrt_11():
+    """CreateConfig reads ILayer.precision_is_set, which TensorRT 11 removed: only inside a try that
+    catches AttributeError (Polygraphy 0.50.3 and later; 0.49.x fails every TensorRT 11 build)."""
+    from polygraphy.backend.trt import CreateConfig
+
+    assert unguarded(inspect.getsource(inspect.getmodule(CreateConfig)), "precision_is_set") == []
+    old = "def call_impl(network):\n    return {l.name for l in network if l.precision_is_set}\n"
+    assert unguarded(old, "precision_is_set") == [2]  # the check can fail: Polygraphy 0.49's unguarded read
+
+
+def test_setup_cfg_requires_a_polygraphy_that_builds_on_tensorrt_11():
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    lines = [ln.strip() for ln in (ROOT / "setup.cfg").read_text().splitlines() if ln.strip().startswith("polygraphy")]
+    assert len(lines) == 1
+    spec = Requirement(lines[0]).specifier
+    assert Version("0.49.26") not in spec and Version("0.50.3") in spec  # see test_the_installed_polygraphy_builds_on_tensorrt_11
+    assert Version(polygraphy.__version__) in spec

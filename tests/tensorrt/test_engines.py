@@ -151,6 +151,65 @@ def test_cuda_graph_replays_match_eager(engines, inputs):
     assert sorted(graphed._graphs) == [5, 16]
 
 
+class _SyncsWhileCapturing:
+    """Mixin for a real TensorRTDenoiser whose launch also synchronises the device: illegal while a CUDA
+    graph is being captured (CUDA invalidates the capture), as an engine layer that cannot be captured is."""
+
+    def _enqueue(self, context):
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
+        super()._enqueue(context)
+
+
+def test_a_refused_capture_falls_back_to_eager_launches_with_one_warning(engines, inputs, caplog):
+    from ditrt.runtime.tensorrt_backend import TensorRTDenoiser
+
+    class Refused(_SyncsWhileCapturing, TensorRTDenoiser):
+        pass
+
+    x, t, y = (v.cuda() for v in inputs)
+    eager = TensorRTDenoiser(engines["w8a8"])
+    refused = Refused(engines["w8a8"], use_cuda_graph=True)
+    with caplog.at_level("WARNING", logger="ditrt.runtime.tensorrt_backend"):
+        for rows in (16, 5, 16):
+            a = eager(x[:rows], t[:rows], y[:rows]).clone()
+            b = refused(x[:rows], t[:rows], y[:rows]).clone()
+            assert rel_l2(b, a) <= 1e-5
+    warnings = [r for r in caplog.records if "CUDA graph capture failed" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+    assert refused.use_cuda_graph is False and refused._graphs == {}
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the caller's stream is restored
+    torch.cuda.synchronize()  # no CUDA error is left behind
+
+
+def test_the_engine_runs_on_its_own_stream_ordered_with_the_callers(engines, inputs):
+    """A caller on a stream of its own writes the inputs and reads the output right around the call,
+    with no synchronisation: the two-way stream ordering makes it the same as on the default stream."""
+    from ditrt.runtime.tensorrt_backend import TensorRTDenoiser
+
+    x, t, y = (v.cuda() for v in inputs)
+    den = TensorRTDenoiser(engines["w8a8"], use_cuda_graph=True)
+    assert den._stream.cuda_stream not in (0, torch.cuda.default_stream().cuda_stream)  # never the legacy default stream
+    ref = den(x, t, y).clone()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            xs = x * 1.0  # written on the caller's stream just before the call
+            got = den(xs, t, y) * 1.0  # read on it just after
+    torch.cuda.synchronize()
+    assert rel_l2(got, ref) <= 1e-6
+
+
+def test_inputs_on_the_cpu_come_back_on_the_cpu(engines, inputs):
+    from ditrt.runtime.tensorrt_backend import TensorRTDenoiser
+
+    den = TensorRTDenoiser(engines["w8a8"])
+    x, t, y = inputs
+    on_gpu = den(x.cuda(), t.cuda(), y.cuda()).clone()
+    on_cpu = den(x, t, y)
+    assert on_cpu.device.type == "cpu" and on_gpu.is_cuda and rel_l2(on_cpu, on_gpu) <= 1e-6
+
+
 def test_output_is_a_reused_buffer(engines, inputs):
     from ditrt.runtime.tensorrt_backend import TensorRTDenoiser
 
