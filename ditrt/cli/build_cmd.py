@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from ditrt.cli import main
-from ditrt.cli.options import emit_json, json_option, mib_to_bytes, say, workspace_option
+from ditrt.cli.options import emit_json, is_cuda_device, json_option, mib_to_bytes, say, workspace_option
+from ditrt.contracts.errors import ConfigError
 
 
 @main.command()
@@ -22,8 +23,10 @@ from ditrt.cli.options import emit_json, json_option, mib_to_bytes, say, workspa
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Tactic timing cache: read if it exists, updated after the build.")  # fmt: skip
 @workspace_option
+@click.option("--device", default="auto", show_default=True,
+              help="GPU to build on: auto (the current CUDA device) or cuda[:N]. The engine runs only on that GPU model.")  # fmt: skip
 @json_option
-def build(onnx_path, out_path, batch, no_cfg, opt_level, timing_cache, workspace, as_json):
+def build(onnx_path, out_path, batch, no_cfg, opt_level, timing_cache, workspace, device, as_json):
     """Build a strongly typed TensorRT engine for this GPU: writes OUT and OUT.json.
 
     From a timestep-group manifest: one engine per group (OUT stem.g<i>.plan, each with its sidecar)
@@ -35,6 +38,7 @@ def build(onnx_path, out_path, batch, no_cfg, opt_level, timing_cache, workspace
     from ditrt.engines.build import build_engines
 
     echo = say(as_json)
+    gpu = _build_device(device)
     lo, opt, hi = parse_batch(batch)
     config = BuildConfig(
         batch_min=lo, batch_opt=opt, batch_max=hi, cfg=not no_cfg, opt_level=opt_level, timing_cache=timing_cache,
@@ -43,7 +47,7 @@ def build(onnx_path, out_path, batch, no_cfg, opt_level, timing_cache, workspace
     check_writable(out_path)
     rows = config.engine_batch
     images = f"{hi} images per call with guidance" if config.cfg else f"{hi} images per call, unguided"
-    artifact = build_engines(onnx_path, out_path, config)  # one engine, or one per timestep group and their manifest
+    artifact = build_engines(onnx_path, out_path, config, device=gpu)  # one engine, or one per timestep group and their manifest
     if is_group_manifest(artifact):
         manifest = artifact
         edges, engines = read_manifest(manifest, "tensorrt")
@@ -70,3 +74,12 @@ def build(onnx_path, out_path, batch, no_cfg, opt_level, timing_cache, workspace
         f"wrote {out_path} ({out_path.stat().st_size / 1e6:.1f} MB, {sidecar.precision}, batch {rows[0]}..{rows[2]} = {images}; "
         f"TensorRT {sidecar.tensorrt_version} on {sidecar.gpu_name}) and {sidecar_path(out_path).name}"
     )
+
+
+def _build_device(device: str) -> str | None:
+    """``--device``: None (auto: the current CUDA device) or ``cuda[:N]``; TensorRT has no CPU builder."""
+    if device == "auto":
+        return None
+    if not is_cuda_device(device):
+        raise ConfigError(f"--device {device}: TensorRT builds engines on a GPU; pass auto or cuda[:N]")
+    return device

@@ -59,17 +59,26 @@ def import_tensorrt(*, builder: bool = True):
     return trt
 
 
-def require_cuda_gpu() -> int:
-    """The index of the current CUDA device, or :class:`MissingDependencyError` saying why there is none."""
+def require_cuda_gpu(device: str | None = None) -> int:
+    """The index of the CUDA device ``device`` names ("cuda", "cuda:N"; None or "cuda": the current
+    one), or :class:`MissingDependencyError` saying why there is none, :class:`ConfigError` for a
+    device that is not a GPU here."""
     import torch
 
+    if device is not None and str(device).split(":")[0] != "cuda":
+        raise ConfigError(f"TensorRT builds and runs engines on a CUDA device, not {device}; use --device cuda (or cuda:N)")
     if not torch.cuda.is_available():
         why = "a CPU-only build of torch" if torch.version.cuda is None else "torch sees no CUDA device"
         raise MissingDependencyError(
             f"TensorRT needs an NVIDIA GPU and there is none here ({why}, torch {torch.__version__}): "
             "run on a machine with an NVIDIA GPU, its driver and a CUDA build of torch"
         )
-    return torch.cuda.current_device()
+    index = torch.device(device).index if device is not None else None
+    if index is None:
+        return torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return index
 
 
 def gpu_identity(index: int) -> tuple[str, tuple[int, int]]:
@@ -136,12 +145,13 @@ def _build_engine_bytes(trt, onnx_path: Path, shapes: dict[str, ShapeRange], con
         ) from None
 
 
-def engine_from_onnx(onnx_path: Path, out_path: Path, config: BuildConfig | None = None) -> Path:
+def engine_from_onnx(onnx_path: Path, out_path: Path, config: BuildConfig | None = None, *, device: str | None = None) -> Path:
     """Build ``out_path`` (a TensorRT engine) and ``out_path + ".json"`` (its sidecar) from ``onnx_path``.
 
     One optimization profile from :func:`profile_shapes` (batch covering the doubled guidance
-    batch), builder optimization level and timing cache from ``config``. Both files are written
-    atomically: on any failure no half-written engine is left. Raises
+    batch), builder optimization level and timing cache from ``config``, built on the GPU ``device``
+    ("cuda:N"; None or "cuda": the current one), whose name and compute capability the sidecar
+    records. Both files are written atomically: on any failure no half-written engine is left. Raises
     :class:`MissingDependencyError` without TensorRT or a CUDA GPU, :class:`ArtifactError` for a
     graph TensorRT refuses.
     """
@@ -152,13 +162,16 @@ def engine_from_onnx(onnx_path: Path, out_path: Path, config: BuildConfig | None
     summary = read_onnx(onnx_path)
     check_buildable(onnx_path, summary.precision, summary.dtype)
     trt = import_tensorrt(builder=True)
-    device = require_cuda_gpu()
+    index = require_cuda_gpu(device)
     shapes = profile_shapes(summary.inputs, config)
     onnx_hash = onnx_sha256(onnx_path, summary.external_data)
-    gpu_name, capability = gpu_identity(device)
-    log.info("building %s from %s (%s, batch %s) with TensorRT %s on %s", out_path, onnx_path, summary.precision,
-             config.engine_batch, trt.__version__, gpu_name)  # fmt: skip
-    engine_bytes = _build_engine_bytes(trt, onnx_path, shapes, config)  # on the current CUDA device, `device`
+    gpu_name, capability = gpu_identity(index)
+    log.info("building %s from %s (%s, batch %s) with TensorRT %s on %s (cuda:%d)", out_path, onnx_path, summary.precision,
+             config.engine_batch, trt.__version__, gpu_name, index)  # fmt: skip
+    import torch
+
+    with torch.cuda.device(index):  # TensorRT builds for the current CUDA device
+        engine_bytes = _build_engine_bytes(trt, onnx_path, shapes, config)
     data = memoryview(engine_bytes).cast("B")
     sidecar = make_sidecar(
         tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
@@ -176,7 +189,7 @@ def engine_from_onnx(onnx_path: Path, out_path: Path, config: BuildConfig | None
     return out_path
 
 
-def engines_from_manifest(manifest: Path, out_path: Path, config: BuildConfig | None = None) -> Path:
+def engines_from_manifest(manifest: Path, out_path: Path, config: BuildConfig | None = None, *, device: str | None = None) -> Path:
     """One engine per timestep group: ``<out stem>.g<i><out suffix>`` (each with its sidecar) from the
     graphs of the ONNX manifest ``manifest`` (from ``ditrt export`` of a recipe with timestep groups),
     and the engine manifest ``<out stem>.groups.json`` that ``ditrt sample --engine`` reads.
@@ -191,12 +204,12 @@ def engines_from_manifest(manifest: Path, out_path: Path, config: BuildConfig | 
         alt = out_path.with_name(f"{out_manifest.name[: -len('.groups.json')]}.trt.plan")
         raise ConfigError(f"--out {out_path} would overwrite the ONNX manifest {manifest}; name the engines e.g. {alt}")
     import_tensorrt(builder=True)  # fail before anything is read further or written
-    require_cuda_gpu()
+    require_cuda_gpu(device)
     engines: list[Path] = []
     try:
         for g, graph in enumerate(graphs):
             log.info("timestep group %d of %d", g + 1, len(graphs))
-            engines.append(engine_from_onnx(graph, group_file(out_path, g, suffix), config))
+            engines.append(engine_from_onnx(graph, group_file(out_path, g, suffix), config, device=device))
         return write_manifest(out_path, edges, engines, "tensorrt")
     except BaseException:
         for engine in engines:
@@ -205,8 +218,9 @@ def engines_from_manifest(manifest: Path, out_path: Path, config: BuildConfig | 
         raise
 
 
-def build_engines(onnx: Path, out_path: Path, config: BuildConfig | None = None) -> Path:
-    """The engine stage's one entry point: engines for an exported artifact, a graph or a graph manifest.
+def build_engines(onnx: Path, out_path: Path, config: BuildConfig | None = None, *, device: str | None = None) -> Path:
+    """The engine stage's one entry point: engines for an exported artifact, a graph or a graph manifest,
+    built on the GPU ``device`` (None: the current one).
 
     One graph gives one engine at ``out_path`` (:func:`engine_from_onnx`); a timestep-group manifest
     one engine per group and their manifest (:func:`engines_from_manifest`, whose path is returned).
@@ -214,5 +228,5 @@ def build_engines(onnx: Path, out_path: Path, config: BuildConfig | None = None)
     from ditrt.contracts.groups import is_group_manifest
 
     if is_group_manifest(onnx):
-        return engines_from_manifest(onnx, out_path, config)
-    return engine_from_onnx(onnx, out_path, config)
+        return engines_from_manifest(onnx, out_path, config, device=device)
+    return engine_from_onnx(onnx, out_path, config, device=device)

@@ -77,7 +77,7 @@ def test_missing_onnx_is_a_usage_error(tmp_path):
 def test_build_help_works_anywhere():
     result = CliRunner().invoke(main, ["build", "--help"])
     assert result.exit_code == 0
-    for option in ("--onnx", "--out", "--batch", "--opt-level", "--timing-cache", "--no-cfg", "--workspace"):
+    for option in ("--onnx", "--out", "--batch", "--opt-level", "--timing-cache", "--no-cfg", "--workspace", "--device"):
         assert option in result.output
 
 
@@ -133,3 +133,23 @@ def test_graphs_tensorrt_cannot_run_are_refused_before_tensorrt_is_needed(tmp_pa
     result = CliRunner().invoke(main, ["build", "--onnx", str(graph), "--out", str(tmp_path / "q.plan")])
     assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
     assert _files(tmp_path) == ["q.onnx"]
+
+
+@pytest.mark.parametrize("device, message", [("cpu", "TensorRT builds engines on a GPU"), ("gpu0", "TensorRT builds engines on a GPU")])
+def test_build_on_a_device_that_is_no_gpu_is_one_line_before_anything_else(tmp_path, tiny_onnx, device, message):
+    result = CliRunner().invoke(main, ["build", "--onnx", str(tiny_onnx), "--out", str(tmp_path / "m.plan"), "--device", device])
+    assert result.exit_code == 2 and result.output.strip() == f"ditrt: error: --device {device}: {message}; pass auto or cuda[:N]"
+    assert _files(tmp_path) == ["tiny.onnx"]
+
+
+def test_the_build_device_is_checked_by_the_library_too():
+    from ditrt.contracts.errors import ConfigError
+    from ditrt.engines.build import require_cuda_gpu
+
+    with pytest.raises(ConfigError, match="not cpu; use --device cuda"):
+        require_cuda_gpu("cpu")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(MissingDependencyError, match="needs an NVIDIA GPU"):
+            require_cuda_gpu("cuda:1")
