@@ -8,6 +8,14 @@ that precision from (:attr:`ditrt.contracts.precisions.Precision.export_dtypes`)
 engine is built from that file; without TensorRT and a GPU the checked graph runs in ONNX Runtime
 (said once). The quantized denoiser is opened with :func:`ditrt.runtime.open.open_denoiser`.
 
+Devices: with ``--device cuda`` the float model, the simulated recipe and the VAE run on that GPU,
+the quantized model samples on the device its backend computes on (``opened.device``: the GPU for
+TensorRT and for ONNX Runtime with its CUDA provider), and whatever runs on the CPU although a GPU was
+asked for is said once (and recorded in the report's ``devices``). The engine is built for the calls
+the run makes (:func:`engine_build_config`): sampling chunks of ``min(num, batch_size)`` images (its
+optimal batch) and the comparison inputs' rows; every chunk size comes from the engine's profile
+(:func:`sampling_batch`).
+
 A run that fails or is interrupted leaves nothing: an output folder it created is removed, and in a
 folder that existed only the files it wrote are removed (the report is written last, atomically).
 """
@@ -143,6 +151,7 @@ def _run(model_spec, config: PipelineConfig, backend: str, why: str, out_dir: Pa
     report["model_config"] = cfg.to_dict()
     dtype = engine_dtype(c.precision) if backend == "tensorrt" else "fp32"
     files = _Files(out_dir, report["files"])
+    report["devices"] = {"float": config.device, "simulation": config.device, "calibration": config.device}
 
     s = c.calibration
     echo(f"[1/6] calibrating {c.method} {c.precision} on {s.timesteps} steps x {s.samples} samples of a {s.steps}-step run")
@@ -166,39 +175,47 @@ def _run(model_spec, config: PipelineConfig, backend: str, why: str, out_dir: Pa
     report["check"] = {"graphs": [p.name for p in graphs], "dtype": dtype, "violations": violations, "passed": not violations}
     report["sizes_bytes"] = {"onnx": sum(_size(p) for p in graphs), "recipe_weights": (out_dir / "recipe" / "weights.safetensors").stat().st_size}
 
+    with clock("record_inputs"):
+        feeds = _record_feeds(model, pixel, config, report, echo)
     if backend == "tensorrt":
-        echo(f"[3/6] building the TensorRT engine from the checked {dtype} graph (strongly typed)")
+        build = engine_build_config(config, feed_rows=max(len(f["x"]) for f in feeds))
+        echo(f"[3/6] building the TensorRT engine from the checked {dtype} graph (strongly typed) for {build.batch_max} images per call")
         with clock("build"):
-            artifact = _build(graph, out_dir, config, files)
+            artifact = _build(graph, out_dir, config, build, files)
         report["sizes_bytes"]["engine"] = sum(_size(p) for p in files.engines)
         opened = open_denoiser(artifact, onnx=graph, device=config.device)
     else:
         echo(f"[3/6] no TensorRT engine ({why.rstrip('.')}): running the checked graph with ONNX Runtime")
         report["tensorrt"] = {"available": False, "reason": why}
-        opened = open_denoiser(graph, device=_onnxruntime_device(config.device))
+        ort_device = _onnxruntime_device(config.device)
+        if ort_device != config.device:
+            echo(f"note: this ONNX Runtime has no CUDA provider (pip install onnxruntime-gpu): the quantized graph runs on the CPU, not {config.device}")
+        opened = open_denoiser(graph, device=ort_device)
+    report["devices"]["quantized"] = opened.device
     report["quantized"] = {"backend": opened.backend, "artifact": Path(opened.source).name, "graph": graph.name, "dtype": dtype,
                            "parity": asdict(get_precision(recipe.precision).parity)}  # fmt: skip
     with opened:
-        _sample_evaluate_compare(model, recipe, tensors, opened, labels, pixel, config, out_dir, files, report, clock, echo)
+        _sample_evaluate_compare(model, recipe, tensors, opened, labels, pixel, config, out_dir, files, report, clock, echo, feeds)
     report["timings_seconds"] = {k: round(v, 3) for k, v in timings.items()}
     files.add(out_dir / "report.json", out_dir / "report.md")
     _write_report(report, out_dir)
     return report
 
 
-def _sample_evaluate_compare(model, recipe, tensors, opened, labels, pixel, config, out_dir, files, report, clock, echo) -> None:
+def _sample_evaluate_compare(model, recipe, tensors, opened, labels, pixel, config, out_dir, files, report, clock, echo, feeds) -> None:
     from ditrt.diffusion.sample_set import SampleSet
     from ditrt.models.quantized import quantized_model
 
     cfg = model.config
     seeds = [config.seed + i for i in range(config.num)]
-    batch = _batch_size(config, opened)
-    echo(f"[4/6] sampling {config.num} images at {config.steps} steps, float (torch) and quantized ({opened.backend}), same seeds")
+    batch = sampling_batch(config, max_rows=opened.max_rows, min_rows=opened.min_rows)
+    echo(f"[4/6] sampling {config.num} images at {config.steps} steps, float (torch, {config.device}) and quantized "
+         f"({opened.backend}, {opened.device}), same seeds")  # fmt: skip
     with clock("sample_float"):
         float_out = _sample(model.to(config.device), cfg, config, labels, seeds, pixel, batch, config.device)
     model.cpu()
     with clock("sample_quantized"):
-        quant_out = _sample(opened.denoiser, cfg, config, labels, seeds, pixel, batch, _quantized_device(opened, config))
+        quant_out = _sample(opened.denoiser, cfg, config, labels, seeds, pixel, batch, opened.device)
     _per_step_timings(report, clock.timings, config, batch)
     settings = {"model": report["model"], "steps": config.steps, "cfg_scale": config.cfg_scale}
     kind = "images" if pixel else "latents"
@@ -211,7 +228,8 @@ def _sample_evaluate_compare(model, recipe, tensors, opened, labels, pixel, conf
     elif config.vae is not None:
         from ditrt.runtime.vae import decode_latents
 
-        echo(f"decoding both sample sets with the VAE in {config.vae}")
+        echo(f"decoding both sample sets with the VAE in {config.vae} on {config.device}")
+        report["devices"]["vae"] = config.device
         with clock("decode"):
             float_images = decode_latents(float_out, config.vae, device=config.device)
             quant_images = decode_latents(quant_out, config.vae, device=config.device)
@@ -223,7 +241,8 @@ def _sample_evaluate_compare(model, recipe, tensors, opened, labels, pixel, conf
 
     echo("[6/6] comparing the quantized graph with the torch simulation of the recipe (Polygraphy)")
     with clock("compare"):
-        report["compare"] = _compare(model, quantized_model(model, recipe, tensors), recipe.precision, opened, pixel, out_dir, files)
+        simulated = quantized_model(model, recipe, tensors)
+        report["compare"] = _compare(model, simulated, recipe.precision, opened, feeds, config.device, out_dir, files)
 
 
 def evaluate_pair(float_out, quant_out, float_images, quant_images, labels, *, pixel: bool) -> dict:
@@ -311,14 +330,31 @@ def _check(graphs: list[Path], clock) -> list[dict]:
         return [{"graph": g.name, "node": v.node, "rule": v.rule, "message": v.message} for g in graphs for v in check_onnx(g)]
 
 
-def _build(graph: Path, out_dir: Path, config: PipelineConfig, files: _Files) -> Path:
+def engine_build_config(config: PipelineConfig, *, feed_rows: int):
+    """The :class:`~ditrt.contracts.profile.BuildConfig` of the pipeline's engine: its opt batch the
+    sampling chunk (``min(num, batch_size)`` images, guidance doubling the rows), its max also covering
+    the ``feed_rows`` rows of each comparison input (Polygraphy replays ``inputs.json`` on the engine),
+    its min one image (a run's last, smaller chunk)."""
+    from ditrt.contracts.profile import build_for_calls
+
+    return build_for_calls(min(config.num, config.batch_size), guided=config.cfg_scale != 1.0, rows=feed_rows)
+
+
+def sampling_batch(config: PipelineConfig, *, max_rows: int | None, min_rows: int = 1) -> int:
+    """Images per sampler call for both models: ``--batch-size``, at most ``--num``, and at most what
+    the quantized backend's profile takes (:func:`ditrt.contracts.profile.images_per_call`)."""
+    from ditrt.contracts.profile import images_per_call
+
+    limit = images_per_call(max_rows, guided=config.cfg_scale != 1.0, source="the quantized engine", min_rows=min_rows)
+    return min(config.batch_size, config.num, limit or config.num)
+
+
+def _build(graph: Path, out_dir: Path, config: PipelineConfig, build, files: _Files) -> Path:
     from ditrt.contracts.groups import read_artifact
-    from ditrt.contracts.profile import BuildConfig
     from ditrt.contracts.sidecar import sidecar_path
     from ditrt.engines.build import build_engines
 
-    build = BuildConfig(batch_max=min(config.num, config.batch_size), cfg=config.cfg_scale != 1.0)
-    artifact = build_engines(graph, out_dir / "model.plan", build)
+    artifact = build_engines(graph, out_dir / "model.plan", build, device=config.device)
     engines = read_artifact(artifact)[2]
     files.engines = engines
     files.add(artifact, *engines, *(sidecar_path(e) for e in engines))
@@ -332,17 +368,6 @@ def _onnxruntime_device(device: str) -> str:
     import onnxruntime as ort
 
     return device if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-
-
-def _quantized_device(opened, config: PipelineConfig) -> str:
-    if opened.backend == "tensorrt":
-        return config.device
-    return _onnxruntime_device(config.device)
-
-
-def _batch_size(config: PipelineConfig, opened) -> int:
-    limit = opened.images_per_call(guided=config.cfg_scale != 1.0)
-    return min(config.batch_size, config.num, limit or config.num)
 
 
 def _sample(denoiser, cfg, config: PipelineConfig, labels, seeds, pixel, batch: int, device: str):
@@ -372,23 +397,38 @@ def _pictures(float_images, quant_images, labels, config, recipe, backend, out_d
     files.add(save_png(side_by_side([g_float, g_quant]), out_dir / "comparison.png"))
 
 
-def _compare(model, simulated, precision: str, opened, pixel: bool, out_dir: Path, files: _Files) -> dict:
+def _record_feeds(model, pixel: bool, config: PipelineConfig, report: dict, echo) -> list:
+    """The comparison inputs (recorded by the float model before the engine is built, which must take them)."""
+    from ditrt.compare.inputs import record_feeds
+
+    if str(config.device).startswith("cuda"):  # record_feeds samples on the CPU (it takes no device)
+        echo("note: the comparison inputs are recorded by the float model on the CPU (a short 50-step run of 4 images)")
+    report["devices"]["comparison_inputs"] = "cpu"
+    return record_feeds(model.cpu(), pixel_space=pixel)
+
+
+def _compare(model, simulated, precision: str, opened, feeds: list, device: str, out_dir: Path, files: _Files) -> dict:
+    """Polygraphy's comparison of the quantized backend with the simulation on ``feeds``, each on its own
+    device (the simulation and the float reference on ``device``, the backend on ``opened.device``)."""
     from ditrt.compare.accuracy import compare_runners
-    from ditrt.compare.inputs import record_feeds, save_feeds
+    from ditrt.compare.inputs import save_feeds
     from ditrt.compare.runners import DenoiserRunner
     from ditrt.contracts.precisions import get_precision
     from ditrt.quality.metrics import error_by_timestep
 
     cfg = model.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    feeds = record_feeds(model, pixel_space=pixel)
     files.add(save_feeds(feeds, out_dir / "inputs.json"))
-    sim = DenoiserRunner(simulated, image_shape=shape, name="torch-simulated-recipe")
-    quant = DenoiserRunner(opened.denoiser, image_shape=shape, name=f"{opened.backend}-quantized")
+    sim = DenoiserRunner(simulated.to(device), image_shape=shape, name="torch-simulated-recipe", device=device)
+    quant = DenoiserRunner(opened.denoiser, image_shape=shape, name=f"{opened.backend}-quantized", device=opened.device)
     tol = get_precision(precision).parity  # the registry says how closely a graph of this precision follows its simulation
-    result = compare_runners(sim, quant, feeds, atol=tol.atol, rtol=tol.rtol, error_stat=tol.error_stat)
-    records = [(torch.from_numpy(f["x"]), torch.from_numpy(f["t"]), torch.from_numpy(f["y"])) for f in feeds]
-    result["noise_error_vs_float"] = error_by_timestep(model, opened.denoiser, records, channels=cfg.in_channels)
+    try:
+        result = compare_runners(sim, quant, feeds, atol=tol.atol, rtol=tol.rtol, error_stat=tol.error_stat)
+        records = [tuple(torch.from_numpy(f[k]).to(device) for k in ("x", "t", "y")) for f in feeds]
+        result["noise_error_vs_float"] = error_by_timestep(model.to(device), opened.denoiser, records, channels=cfg.in_channels)
+    finally:
+        simulated.cpu()
+        model.cpu()
     result["inputs_file"] = "inputs.json"
     return result
 

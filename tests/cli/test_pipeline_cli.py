@@ -52,6 +52,8 @@ def test_latent_pipeline_reports_what_was_measured_on_what(latent_run):
     assert "psnr_db" not in q and "--vae" in q["absent"]["psnr_db"]
     assert "fd_float" not in q and "(1, 8, 8) digits" in q["absent"]["fd"]
     assert "not measured" in (out / "report.md").read_text()
+    devices = report["devices"]  # where each model ran (--device cpu here: everything)
+    assert set(devices) == {"float", "simulation", "calibration", "comparison_inputs", "quantized"} and set(devices.values()) == {"cpu"}
 
 
 def test_the_checked_graph_is_the_graph_that_runs(latent_run):
