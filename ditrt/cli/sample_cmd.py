@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import numpy as np
 
 from ditrt.cli import main
 from ditrt.cli.options import checkpoint_options, device_option, parse_classes, resolve_device
@@ -39,7 +40,8 @@ DEFAULT_BATCH = 256
 @click.option("--cfg-scale", default=1.5, show_default=True, type=float, help="Classifier-free guidance scale (1 = off).")
 @click.option("--guidance", type=click.Choice(["official", "all"]), default="official", show_default=True,
               help="official: guide the first 3 noise channels as the DiT code does; all: every noise channel.")  # fmt: skip
-@click.option("--num", default=16, show_default=True, type=int, help="Number of samples.")
+@click.option("--num", "--num-samples", "num", default=16, show_default=True, type=int,
+              help="Number of samples. Under torchrun spell it --num-samples: torchrun's own parser takes --num for its --numa-binding.")  # fmt: skip
 @click.option("--classes", default=None, help="Comma-separated class ids to cycle through (default: all).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Sample i uses seed + i.")
 @click.option("--batch-size", default=None, type=int,
@@ -48,12 +50,25 @@ DEFAULT_BATCH = 256
 @click.option("--vae", "vae_dir", type=click.Path(path_type=Path), default=None,
               help="diffusers AutoencoderKL folder to decode latents (latent models only).")  # fmt: skip
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--adm-npz", is_flag=True,
+              help="Also write OUT/adm_samples.npz for the ADM evaluator (guided-diffusion evaluator.py): arr_0 (N, H, W, 3) "
+                   "uint8 as DiT's sample_ddp.py converts, arr_1 the labels. Needs RGB images (a latent model needs --vae).")  # fmt: skip
+@click.option("--overwrite", is_flag=True,
+              help="Discard the shards and results of an earlier run in --out and sample from scratch (default: resume it).")  # fmt: skip
+@click.option("--keep-shards", is_flag=True,
+              help="Keep OUT/shards after merging (a later run with a larger --num reuses them).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the files, the counts) on stdout.")
 def sample(artifact, model_spec, config_name, num_classes, num_heads, recipe_dir, onnx_path, engine_path, backend, steps, cfg_scale, guidance, num, classes,
-           seed, batch_size, device, vae_dir, out_dir):  # fmt: skip
+           seed, batch_size, device, vae_dir, out_dir, adm_npz, overwrite, keep_shards, as_json):  # fmt: skip
     """Sample ARTIFACT (a recipe folder, an .onnx, a .plan, a .groups.json or a checkpoint; default: --model, else the
-    built-in model): writes OUT/samples.png (a grid, one row per class) and OUT/samples.npz."""
+    built-in model): writes OUT/samples.png (a grid, one row per class, of the first samples) and OUT/samples.npz.
+
+    Samples are drawn in chunks of --batch-size, one shard file each (OUT/shards), merged at the end:
+    re-running the same command resumes a killed run, and `torchrun --nproc_per_node N -m ditrt sample ...`
+    shares the chunks among N processes (one GPU each) with the same result as one process."""
     from ditrt.contracts.files import check_writable
     from ditrt.diffusion.sampler import SamplerConfig
+    from ditrt.distributed import launched, process_group
     from ditrt.runtime.open import open_denoiser
 
     target, model, check_graph = _artifact(artifact, model_spec, recipe_dir, onnx_path, engine_path)
@@ -70,59 +85,148 @@ def sample(artifact, model_spec, config_name, num_classes, num_heads, recipe_dir
     SamplerConfig(steps=str(steps), cfg_scale=cfg_scale, guidance=guidance)  # validates --steps, --cfg-scale before any loading
     check_writable(out_dir, what="--out", folder=True)
     device = _device(device, chosen)
-    with open_denoiser(target, model=model, onnx=check_graph, device=device, config_name=config_name,
-                       num_classes=num_classes, num_heads=num_heads) as opened:
-        _sample_opened(opened, steps, cfg_scale, guidance, num, wanted, seed, batch_size, device, vae_dir, out_dir,
-                       model=model, check_graph=check_graph)  # fmt: skip
+    if launched() and device.startswith("cuda:"):
+        raise ConfigError(f"--device {device} would put every torchrun process on one GPU; pass --device cuda (process i takes cuda:LOCAL_RANK)")
+    with process_group(device) as world:
+        rank_device = world.device(device)
+        with open_denoiser(target, model=model, onnx=check_graph, device=rank_device, config_name=config_name,
+                           num_classes=num_classes, num_heads=num_heads) as opened:
+            opts = _Options(steps, cfg_scale, guidance, num, wanted, seed, batch_size, vae_dir, out_dir, adm_npz, overwrite,
+                            keep_shards, as_json)  # fmt: skip
+            _sample_opened(opened, opts, world, rank_device, model=model, check_graph=check_graph)
 
 
-def _sample_opened(opened, steps, cfg_scale, guidance, num, wanted, seed, batch_size, device, vae_dir, out_dir, *, model, check_graph):
-    from ditrt.contracts.files import output_folder
-    from ditrt.diffusion.sample_set import SampleSet, default_labels, generate
+@dataclass(frozen=True)
+class _Options:
+    """The sampling options of one `ditrt sample` call."""
+
+    steps: str
+    cfg_scale: float
+    guidance: str
+    num: int
+    classes: list | None
+    seed: int
+    batch_size: int | None
+    vae_dir: Path | None
+    out_dir: Path
+    adm_npz: bool
+    overwrite: bool
+    keep_shards: bool
+    as_json: bool
+
+
+def _sample_opened(opened, o: _Options, world, device: str, *, model, check_graph):
+    from ditrt.diffusion.sample_set import default_labels
     from ditrt.diffusion.sampler import SamplerConfig
-    from ditrt.quality.images import sample_grid, save_png
+    from ditrt.diffusion.schedule import make_schedule
+    from ditrt.diffusion.shards import ShardPlan, sample_shards
 
     cfg = opened.config
     pixel = cfg.pixel_space
-    if vae_dir is not None and cfg.in_channels != 4:
+    if o.vae_dir is not None and cfg.in_channels != 4:
         raise ConfigError(f"--vae decodes 4-channel latents, but {opened.source} makes {cfg.in_channels}-channel images; drop --vae")
-    cfg.check_guidance(cfg_scale, opened.source)
-    sampler = SamplerConfig(steps=str(steps), cfg_scale=cfg_scale, guidance=guidance, clip_denoised=pixel)
-    labels = default_labels(num, cfg.num_classes, wanted)
-    limit = opened.images_per_call(guided=cfg_scale != 1.0)
-    if batch_size is None:
-        batch_size = limit or DEFAULT_BATCH
-    elif limit is not None and batch_size > limit:
-        raise ConfigError(
-            f"--batch-size {batch_size} is more than {opened.source} takes: at most {limit} images per call"
-            f"{' with guidance' if cfg_scale != 1.0 else ''} ({opened.max_rows} rows); pass --batch-size {limit} or rebuild with a larger `ditrt build --batch`"
-        )
-    seeds = [seed + i for i in range(num)]
-    data = generate(
-        opened.denoiser, sampler, labels, seeds, num_classes=cfg.num_classes,
-        image_shape=(cfg.in_channels, cfg.input_size, cfg.input_size), device=device, batch_size=batch_size, progress=True,
-    )  # fmt: skip
+    kind = "images" if pixel or o.vae_dir is not None else "latents"
+    if o.adm_npz and kind != "images":
+        raise ConfigError(f"--adm-npz needs images, but {opened.source} makes latents; pass --vae DIR (a diffusers AutoencoderKL) to decode them")
+    if o.adm_npz and pixel and cfg.in_channels != 3:
+        raise ConfigError(f"--adm-npz writes RGB images for the ADM evaluator, but {opened.source} makes {cfg.in_channels}-channel images; drop --adm-npz")
+    cfg.check_guidance(o.cfg_scale, opened.source)
+    sampler = SamplerConfig(steps=str(o.steps), cfg_scale=o.cfg_scale, guidance=o.guidance, clip_denoised=pixel)
+    labels = default_labels(o.num, cfg.num_classes, o.classes)
+    plan = ShardPlan(o.out_dir, o.num, _batch_size(opened, o))
+    seeds = [o.seed + i for i in range(o.num)]
     settings = {
         "artifact": opened.source, "backend": opened.backend, "precision": opened.precision,
         "model": str(model) if model is not None else (opened.source if opened.backend == "torch" and not _is_recipe(opened.source) else None),
         "recipe": opened.source if _is_recipe(opened.source) else None, "onnx": str(check_graph) if check_graph else None,
         "sampler": sampler.to_dict(), "model_config": cfg.to_dict(),
     }  # fmt: skip
-    kind = "images" if pixel else "latents"
-    if vae_dir is not None:
+    if o.vae_dir is not None:
+        settings["vae"] = str(o.vae_dir)
+    run = _run_identity(opened, model, check_graph, o, sampler, cfg, device)
+
+    def draw(chunk_labels, chunk_seeds, on_step):
+        from ditrt.diffusion.sample_set import generate
+
+        data = generate(
+            opened.denoiser, sampler, chunk_labels, chunk_seeds, num_classes=cfg.num_classes,
+            image_shape=(cfg.in_channels, cfg.input_size, cfg.input_size), device=device, batch_size=len(chunk_labels), on_step=on_step,
+        )  # fmt: skip
+        if o.vae_dir is None:
+            return data
         from ditrt.runtime.vae import decode_latents
 
-        data, kind = decode_latents(data, vae_dir, device=device), "images"
-        settings["vae"] = str(vae_dir)
-    with output_folder(out_dir):  # samples.npz and samples.png, or neither (also on Ctrl-C)
-        SampleSet(data, np.asarray(labels), np.asarray(seeds), kind, settings).save(out_dir / "samples.npz")
-        if kind == "images":
-            title = f"{Path(opened.source).name} | {opened.backend} | {steps} steps | cfg {cfg_scale}"
-            save_png(sample_grid(data, labels, title=title), out_dir / "samples.png")
-    if kind == "images":
-        click.echo(f"wrote {out_dir / 'samples.png'} and {out_dir / 'samples.npz'}")
+        return decode_latents(data, o.vae_dir, device=device)
+
+    found = sample_shards(plan, draw, labels=labels, seeds=seeds, kind=kind, run=run, steps=make_schedule(sampler.steps).num_steps,
+                          world=world, overwrite=o.overwrite, adm=o.adm_npz)  # fmt: skip
+    if world.is_main:
+        title = f"{Path(opened.source).name} | {opened.backend} | {o.steps} steps | cfg {o.cfg_scale}"
+        _finish(plan, found, o, kind, labels, seeds, settings, run, world, title=title)
+
+
+def _finish(plan, found, o: _Options, kind, labels, seeds, settings, run, world, *, title):
+    """Rank 0: merge the shards into OUT (unless a finished run of these settings is already there) and say what was written."""
+    from ditrt.contracts.files import output_folder
+    from ditrt.diffusion.sample_set import preview_indices
+    from ditrt.diffusion.shards import merge_shards, shard_samples
+    from ditrt.quality.images import sample_grid, save_png
+
+    total, resumed = len(plan.chunks), len(found.done)
+    png = Path(o.out_dir) / "samples.png"
+    if not found.complete:
+        if resumed:
+            click.echo(f"resumed {resumed} of {total} shards found in {plan.folder}", err=True)
+        with output_folder(Path(o.out_dir)):  # a failed merge removes what it wrote; the shards stay for a re-run
+            if kind == "images":
+                shown = preview_indices(labels)
+                save_png(sample_grid(shard_samples(plan, shown, kind=kind), [labels[i] for i in shown], title=title), png)
+            merge_shards(plan, kind=kind, labels=labels, seeds=seeds, settings=settings, run=run, adm=o.adm_npz, keep=o.keep_shards)
+    files = {"samples": str(plan.samples), "grid": str(png) if kind == "images" else None,
+             "adm_npz": str(plan.adm) if o.adm_npz else None}  # fmt: skip
+    if o.as_json:
+        click.echo(json.dumps({**files, "kind": kind, "num": o.num, "shards": total, "resumed": resumed, "processes": world.size,
+                               "already_complete": found.complete}))  # fmt: skip
+        return
+    done = f"{o.num} {kind}, {_count(total, 'shard')} ({resumed} resumed) on {_count(world.size, 'process')}"
+    if found.complete:
+        click.echo(f"{plan.samples} already holds these {o.num} {kind}: nothing to do (--overwrite samples them again)")
+    elif kind == "images":
+        extra = f" and {plan.adm}" if o.adm_npz else ""
+        click.echo(f"wrote {png} and {plan.samples}{extra} ({done})")
     else:
-        click.echo(f"wrote latents to {out_dir / 'samples.npz'} (no image: pass --vae DIR with a diffusers AutoencoderKL to decode)")
+        click.echo(f"wrote latents to {plan.samples} ({done}; no image: pass --vae DIR with a diffusers AutoencoderKL to decode)")
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 'es' if thing.endswith('s') else 's'}"
+
+
+def _batch_size(opened, o: _Options) -> int:
+    limit = opened.images_per_call(guided=o.cfg_scale != 1.0)
+    if o.batch_size is None:
+        return limit or DEFAULT_BATCH
+    if limit is not None and o.batch_size > limit:
+        raise ConfigError(
+            f"--batch-size {o.batch_size} is more than {opened.source} takes: at most {limit} images per call"
+            f"{' with guidance' if o.cfg_scale != 1.0 else ''} ({opened.max_rows} rows); pass --batch-size {limit} or rebuild with a larger `ditrt build --batch`"
+        )
+    return o.batch_size
+
+
+def _run_identity(opened, model, check_graph, o: _Options, sampler, cfg, device: str) -> dict:
+    """What makes two runs' shards interchangeable: the same inputs (by path, size and mtime), settings, seed, classes, device type."""
+    from ditrt.diffusion.shards import file_identity
+    from ditrt.models.builtin import BUILTIN_DIT, BUILTIN_NAME
+
+    def ident(path):
+        return None if path is None else file_identity(BUILTIN_DIT if str(path) == BUILTIN_NAME else path)
+
+    return {
+        "artifact": ident(opened.source), "backend": opened.backend, "precision": opened.precision, "model": ident(model),
+        "onnx": ident(check_graph), "vae": ident(o.vae_dir), "sampler": sampler.to_dict(), "model_config": cfg.to_dict(),
+        "seed": o.seed, "classes": o.classes, "device": device.split(":")[0],
+    }  # fmt: skip
 
 
 def _is_recipe(source: str) -> bool:
