@@ -8,8 +8,9 @@ Two formats, told apart by their arrays:
   writes its samples this way): ``arr_0`` (N, H, W, 3) uint8, and for reference batches such as
   ``VIRTUAL_imagenet256_labeled.npz`` also ``mu``/``sigma`` (and the spatial ``mu_s``/``sigma_s``).
 
-The network takes uint8 pixels; float images become uint8 by :func:`dit_uint8`, DiT's own
-conversion, so a ditrt sample set and the ADM batch made from it are the same input.
+The network takes uint8 pixels; float images become uint8 by DiT's own conversion
+(:func:`ditrt.diffusion.sample_set.adm_uint8`, which also writes ditrt's ADM npz), so a ditrt
+sample set and the ADM batch made from it are the same input.
 """
 
 from __future__ import annotations
@@ -24,13 +25,6 @@ import numpy as np
 from ditrt.contracts.errors import ArtifactError, InputError
 
 _LOCAL_HEADER = b"PK\x03\x04"
-
-
-def dit_uint8(images: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) float in [-1, 1] -> uint8 exactly as DiT's ``sample_ddp.py`` writes its ``.npz``:
-    ``clamp(127.5 * x + 128, 0, 255)`` truncated to uint8, in float32 (not the rounding of ditrt's PNGs)."""
-    x = np.asarray(images, dtype=np.float32)
-    return np.clip(np.float32(127.5) * x + np.float32(128.0), 0, 255).astype(np.uint8)
 
 
 def npy_member(path: Path, name: str) -> np.ndarray:
@@ -101,8 +95,10 @@ class ImageSet:
 
     def uint8(self, rows: range) -> np.ndarray:
         """Images ``rows`` as (n, C, H, W) uint8, the network's input."""
+        from ditrt.diffusion.sample_set import adm_uint8
+
         x = np.asarray(self.pixels[rows.start : rows.stop])
-        return dit_uint8(x) if self.layout == "ditrt" else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        return np.ascontiguousarray((adm_uint8(x) if self.layout == "ditrt" else x).transpose(0, 3, 1, 2))
 
     def nonfinite(self, rows: range) -> tuple[int, int]:
         """(NaN/inf values, images holding any) among ``rows``; uint8 batches have none."""

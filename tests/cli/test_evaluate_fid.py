@@ -15,8 +15,7 @@ from click.testing import CliRunner
 from scipy import linalg
 
 from ditrt.cli import main
-from ditrt.diffusion.sample_set import SampleSet
-from ditrt.quality.image_sets import dit_uint8
+from ditrt.diffusion.sample_set import SampleSet, adm_uint8
 from tests.quality.standin_inception import adm_precision_recall, save_standin, standin_outputs
 
 WIDTH = 8  # the stand-in's varying features
@@ -40,7 +39,7 @@ def _samples(path, x):
 
 
 def _adm(path, x, **stats):
-    np.savez(path, arr_0=dit_uint8(x).transpose(0, 2, 3, 1), **stats)
+    np.savez(path, arr_0=adm_uint8(x), **stats)
     return path
 
 
@@ -78,8 +77,8 @@ def test_metrics_against_an_adm_batch_equal_direct_computations(tmp_path, net, s
              "--batch-size", "4", "--json", "--save", tmp_path / "q.json")  # fmt: skip
     res = _json(r)
     assert json.loads((tmp_path / "q.json").read_text()) == res
-    fs, ps = standin_outputs(net, dit_uint8(sets["x"]))
-    fr, _ = standin_outputs(net, dit_uint8(sets["r"]))
+    fs, ps = standin_outputs(net, adm_uint8(sets["x"]).transpose(0, 3, 1, 2))
+    fr, _ = standin_outputs(net, adm_uint8(sets["r"]).transpose(0, 3, 1, 2))
     with np.load(stats) as z:  # the reference statistics: numpy's mean and covariance of the network's features
         assert np.allclose(z["features"], fr, atol=1e-6)
         assert np.allclose(z["mu"], fr.astype(np.float64).mean(0), atol=1e-6)

@@ -8,9 +8,9 @@ import torch
 from scipy import linalg
 
 from ditrt.contracts.errors import ArtifactError, ConfigError, InputError
-from ditrt.diffusion.sample_set import SampleSet
+from ditrt.diffusion.sample_set import ArrayStream, SampleSet, write_adm_npz
 from ditrt.quality import fid
-from ditrt.quality.image_sets import dit_uint8, open_reference_batch, open_samples
+from ditrt.quality.image_sets import open_reference_batch, open_samples
 from ditrt.quality.inception import inception_outputs, load_inception
 from ditrt.quality.inception_score import inception_score
 from ditrt.quality.precision_recall import precision_recall
@@ -113,17 +113,17 @@ def test_adm_reference_batch_is_read_exactly(tmp_path):
         open_reference_batch(tmp_path / "floats.npz")
 
 
-def test_float_images_become_uint8_as_dit_sample_ddp_and_both_formats_give_the_same_features(tmp_path, net_file):
+def test_ditrt_samples_and_the_adm_npz_ditrt_writes_of_them_are_the_same_input(tmp_path, net_file):
     rng = np.random.default_rng(1)
     x = rng.uniform(-1.2, 1.2, (9, 3, 10, 10)).astype(np.float32)
-    x[0, 0, 0, :3] = [-1.0, 1.0, 0.0]
-    expected = torch.clamp(127.5 * torch.from_numpy(x) + 128.0, 0, 255).to(torch.uint8).numpy()
-    assert np.array_equal(dit_uint8(x), expected)
+    expected = torch.clamp(127.5 * torch.from_numpy(x) + 128.0, 0, 255).to(torch.uint8).numpy()  # DiT's sample_ddp.py
     SampleSet(x, np.zeros(9, np.int64), np.arange(9), "images", {}).save(tmp_path / "s.npz")
-    np.savez(tmp_path / "adm.npz", arr_0=expected.transpose(0, 2, 3, 1))
+    write_adm_npz(tmp_path / "adm.npz", ArrayStream(x.shape, np.float32, lambda: (x[:4], x[4:])), np.zeros(9, np.int64))
+    samples, adm = open_samples(tmp_path / "s.npz"), open_samples(tmp_path / "adm.npz")
+    assert isinstance(samples.pixels, np.memmap) and isinstance(adm.pixels, np.memmap)  # streamed zip64 members map too
+    assert np.array_equal(samples.uint8(range(9)), expected) and np.array_equal(adm.uint8(range(2, 7)), expected[2:7])
     net = load_inception(net_file)
-    a = inception_outputs(net, open_samples(tmp_path / "s.npz"), batch_size=2)
-    b = inception_outputs(net, open_samples(tmp_path / "adm.npz"), batch_size=2)
+    a, b = inception_outputs(net, samples, batch_size=2), inception_outputs(net, adm, batch_size=2)
     assert np.array_equal(a.pool, b.pool) and np.array_equal(a.probs, b.probs)
     pool, probs = standin_outputs(net_file, expected)  # the network called directly, in one batch
     assert a.pool.shape == (9, 2048) and np.allclose(a.pool, pool, atol=1e-6) and np.allclose(a.probs, probs, atol=1e-6)
