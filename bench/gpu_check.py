@@ -222,7 +222,7 @@ def distributed_part(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = save_ditrt_checkpoint(random_model("DiT-S/2"), tmp / "s2.safetensors")
-        common = ["sample", str(ckpt), "--device", args.device, "--num", "4", "--batch-size", "2", "--steps", "50"]
+        common = ["sample", str(ckpt), "--device", args.device, "--num-samples", "4", "--batch-size", "2", "--steps", "50"]
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         port = _free_port()
         runs = {
