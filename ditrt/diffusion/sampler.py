@@ -32,6 +32,10 @@ from ditrt.diffusion.schedule import Schedule, make_schedule
 
 
 class Denoiser(Protocol):
+    """``(x, t, y) -> output``. A denoiser that dispatches on the timestep (one engine per timestep
+    group) may also offer ``at_timestep(t: float) -> Denoiser``: the sampler, which knows each step's
+    timestep on the host, then calls that one and the denoiser never reads ``t`` back from the device."""
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W), (B,), (B,) -> (B, 2C, H, W): noise prediction and variance interpolation."""
 
@@ -151,6 +155,8 @@ def sample(
         x = _given(noise, shape, "noise", device)
     draw = _step_noise(step_noise, shape, schedule.num_steps, device, gens)
     finite = _FiniteCheck(host_schedule, device)
+    pick = getattr(denoiser, "at_timestep", None)
+    host_t = host_schedule.timestep_map.tolist()
     ddim = schedule.spacing.startswith("ddim")
     steps = range(schedule.num_steps - 1, -1, -1)
     if progress:
@@ -159,7 +165,8 @@ def sample(
         steps = tqdm(steps, desc=f"sampling {len(seeds)} x {schedule.num_steps} steps", unit="step", leave=False)
     with torch.no_grad():
         for n_done, i in enumerate(steps):
-            x = _step(denoiser, schedule, x, i, y, draw, config, num_classes, ddim, n_done, finite)
+            net = denoiser if pick is None else pick(float(host_t[i]))
+            x = _step(net, schedule, x, i, y, draw, config, num_classes, ddim, n_done, finite)
             if on_step is not None:
                 on_step(n_done + 1, schedule.num_steps)
     finite.done()

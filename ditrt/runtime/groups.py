@@ -17,7 +17,7 @@ import torch
 
 from ditrt.contracts.errors import ArtifactError
 from ditrt.contracts.groups import read_manifest
-from ditrt.contracts.recipe import batch_timestep_group
+from ditrt.contracts.recipe import batch_timestep_group, timestep_group
 
 
 class TimestepGroupDenoiser:
@@ -38,6 +38,11 @@ class TimestepGroupDenoiser:
         if len(self.denoisers) == 1:  # a single graph: no per-call group lookup (it would read t back from the GPU)
             return self.denoisers[0](x, t, y)
         return self.denoisers[batch_timestep_group(t, self.edges)](x, t, y)
+
+    def at_timestep(self, t: float):
+        """The denoiser of timestep ``t``'s group, for a caller that knows ``t`` on the host (the sampler):
+        calling it directly spares the read of ``t`` back from the device that every call would make."""
+        return self.denoisers[timestep_group(t, self.edges)]
 
     def close(self) -> None:
         """Close every group's denoiser that holds resources (TensorRT engines)."""

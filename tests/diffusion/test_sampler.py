@@ -253,3 +253,21 @@ def test_the_deferred_finite_check_names_the_first_bad_step():
     with pytest.raises(NonFiniteOutputError, match="at step 6 of 10"):
         late.done()  # the end of the run reads it too
     _FiniteCheck(schedule, torch.device("meta"), every=4).done()  # nothing to read on meta
+
+
+def test_timestep_groups_are_picked_on_the_host():
+    """A two-group denoiser (one engine per activation-scale group, as TensorRT manifests run) sampled on
+    'meta': its groups are chosen from the host's timestep (at_timestep), so t is never read back from
+    the device (a meta t cannot be read), and each step reaches the group of its timestep."""
+    from ditrt.diffusion.schedule import make_schedule
+    from ditrt.runtime.groups import TimestepGroupDenoiser
+
+    model, seen = random_dit(TINY).to("meta"), []
+
+    def group(g):
+        return lambda x, t, y: seen.append(g) or model(x, t, y)
+
+    both = TimestepGroupDenoiser([group(0), group(1)], (500.0,))
+    sample(both, SamplerConfig(steps="8"), [1, 2], [5, 6], num_classes=10, image_shape=SHAPE, device="meta")
+    expected = [int(t < 500) for t in reversed(make_schedule("8").timestep_map.tolist())]
+    assert seen == expected and set(seen) == {0, 1}
