@@ -106,7 +106,7 @@ def evaluate_inception(images, reference: Path | None = None, *, inception: Path
     from ditrt.quality.inception import FEATURES, FIX, inception_outputs, inception_path, load_inception
 
     if images.channels != 3:
-        hint = "; digits samples are measured without these options" if images.channels == 1 else ""
+        hint = "; digits samples are measured without these options" if images.channels == 1 and images.layout == "ditrt" else ""
         raise InputError(f"{images.path} holds {images.channels}-channel images; the Inception metrics measure RGB (3-channel) images{hint}")
     if len(images) < 2:
         raise InputError(f"{images.path} holds {len(images)} image; FID and IS need at least 2, sample more")
