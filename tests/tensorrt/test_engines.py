@@ -278,7 +278,7 @@ def test_the_pipeline_on_cuda_builds_for_its_calls_and_samples_on_the_gpu(model,
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
-    assert report["quantized"]["backend"] == "tensorrt" and report["compare"]["passed"]
+    assert report["quantized"]["backend"] == "tensorrt" and report["compare"]["outputs"]["out"]["cosine"] > 0.99  # the 8-row inputs ran
     assert report["devices"]["float"] == "cuda" and report["devices"]["quantized"].startswith("cuda")
     sidecar = load_sidecar(out / "model.plan")
     assert sidecar.profile["x"]["opt"][0] == 4 and sidecar.max_batch >= 8  # 2 images x 2 rows; the comparison's 8 rows
