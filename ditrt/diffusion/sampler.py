@@ -137,7 +137,9 @@ def sample(
     ``step_noise`` the seeded generators supply it, having drawn (and discarded) their x_T first, so
     ``noise`` equal to the seeded x_T gives the seeded result bit for bit. DDIM (eta 0) adds no noise.
 
-    A step whose model output holds NaN or inf stops the run (:class:`NonFiniteOutputError`, naming the step).
+    A step whose model output holds NaN or inf stops the run (:class:`NonFiniteOutputError`, naming the
+    step): on the CPU at that step, elsewhere within :data:`FINITE_CHECK_EVERY` steps (see the module doc).
+    ``device`` is where the loop runs: the denoiser's inputs are there and its output must be too.
     """
     labels = torch.as_tensor(labels, dtype=torch.int64)
     if labels.ndim != 1 or len(labels) != len(seeds) or len(labels) == 0:
