@@ -49,8 +49,9 @@ class GaussianStats:
         return cls(f.mean(0), np.cov(f, rowvar=False))
 
 
-def frechet_distance(a: GaussianStats, b: GaussianStats, eps: float = EPS) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) with the ADM evaluator's rules (module docstring)."""
+def frechet_distance(a: GaussianStats, b: GaussianStats, eps: float = EPS, imag_atol: float = IMAG_ATOL) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) with the ADM evaluator's rules (module docstring);
+    ``imag_atol=inf`` takes the real part of any complex root (the digits evaluator's small sets)."""
     from scipy import linalg
 
     mu1, mu2 = np.atleast_1d(a.mu).astype(np.float64), np.atleast_1d(b.mu).astype(np.float64)
@@ -67,7 +68,7 @@ def frechet_distance(a: GaussianStats, b: GaussianStats, eps: float = EPS) -> fl
             offset = np.eye(len(s1)) * eps
             covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=IMAG_ATOL):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=imag_atol):
             raise InputError(
                 f"the covariance product has a complex square root (imaginary part up to {np.abs(covmean.imag).max():.3g}); "
                 f"FID needs more images than the {len(mu1)} feature dimensions, evaluate more samples"
