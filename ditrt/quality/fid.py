@@ -68,7 +68,7 @@ def frechet_distance(a: GaussianStats, b: GaussianStats, eps: float = EPS, imag_
             offset = np.eye(len(s1)) * eps
             covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=imag_atol):
+        if np.isfinite(imag_atol) and not np.allclose(np.diagonal(covmean).imag, 0, atol=imag_atol):
             raise InputError(
                 f"the covariance product has a complex square root (imaginary part up to {np.abs(covmean.imag).max():.3g}); "
                 f"FID needs more images than the {len(mu1)} feature dimensions, evaluate more samples"
