@@ -29,7 +29,8 @@ LEFT_OUT = {
     "dit-diffusers-folder": "needs a real diffusers checkpoint",
     "ditrt train": "minutes of CPU training (the built-in weights it made are committed)",
     "ditrt pipeline": "the main job takes minutes; tests/test_pipeline.py runs it on smaller settings",
-    "torchrun": "multi-process examples belong to a later issue",
+    "torchrun": "several processes: the torchrun tests (tests/cli/test_*torchrun.py, test_evaluate_fid.py) run it on tiny models",
+    "xl/": "the DiT-XL/2 walk-through needs the official weights and a GPU",
 }
 
 
