@@ -7,6 +7,11 @@ block-wise), with exactly the Q/DQ semantics the ONNX export writes.
 Two activation options beyond one static scale: K timestep groups (``input_scale`` of shape
 ``(K,)``; the model's forward pre-hook picks the group from ``t``, as the runtime picks one graph
 per group), and dynamic per-sample scales (Q-DiT's setting; simulation only, no Q/DQ form).
+
+Every scale and zero point is a buffer, so ``.to(device)`` moves the whole quantizer. The group is
+found where ``t`` lives: on the CPU as one host index (a batch mixing groups is refused, as the
+runtime's graphs refuse it), on a GPU as a per-row index tensor computed there, so that a sampler on
+the GPU never waits for ``t`` to be read back at each step (:func:`select_timestep_group`).
 """
 
 from __future__ import annotations
@@ -23,20 +28,24 @@ from ditrt.contracts.recipe import Recipe, batch_timestep_group
 
 
 class QuantLinear(nn.Module):
-    """A Linear with fake-quantized input and weight. Scales are buffers (saved with the module)."""
+    """A Linear with fake-quantized input and weight. Scales and zero points are buffers (saved with
+    the module and moved by ``.to``); the zero points and the input scale may be None.
+
+    ``group``: the timestep group whose input scale applies, set by the model's pre-hook: an int, or
+    a ``(B,)`` int64 tensor of each row's group on the input's device."""
 
     def __init__(self, linear: nn.Linear, *, weight_bits: int, act_bits: int | None, symmetric: bool = True, dynamic: bool = False):
         super().__init__()
         self.dynamic = dynamic
-        self.group = 0  # the timestep group whose input scale applies (set by the model's pre-hook)
+        self.group: int | torch.Tensor = 0  # set by the model's pre-hook (see the class doc)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.weight_bits, self.act_bits, self.symmetric = weight_bits, act_bits, symmetric
         self.register_buffer("weight_scale", torch.ones(self.out_features))
-        self.weight_zero_point: torch.Tensor | None = None
-        self.input_scale: torch.Tensor | None = None
-        self.input_zero_point: torch.Tensor | None = None
+        self.register_buffer("weight_zero_point", None)
+        self.register_buffer("input_scale", None)  # () per tensor, or (K,) one per timestep group
+        self.register_buffer("input_zero_point", None)
 
     def set_scales(self, weight_scale, weight_zero_point=None, input_scale=None, input_zero_point=None) -> QuantLinear:
         self.weight_scale = weight_scale.float()
@@ -52,11 +61,19 @@ class QuantLinear(nn.Module):
         if self.act_bits is not None and self.dynamic:
             x = fake_quant(x, dynamic_scale(x, self.act_bits), None, self.act_bits, True)
         elif self.act_bits is not None and self.input_scale is not None:
-            scale = self.input_scale if self.input_scale.ndim == 0 else self.input_scale[self.group]
-            zp = self.input_zero_point
-            zp = zp if zp is None or zp.ndim == 0 else zp[self.group]
+            scale, zp = self._of_group(self.input_scale, x), self._of_group(self.input_zero_point, x)
             x = fake_quant(x, scale, zp, self.act_bits, self.symmetric)
         return F.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def _of_group(self, value: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        """A per-tensor input quantity (``()``, or ``(K,)`` by timestep group) for this call: the group's
+        value, or with per-row groups a ``(B, 1, ..., 1)`` column of each row's value (no host read)."""
+        if value is None or value.ndim == 0:
+            return value
+        if isinstance(self.group, int):
+            return value[self.group]
+        column = value.index_select(0, self.group).reshape(-1, *([1] * (x.ndim - 1)))
+        return column.to(x.dtype)  # keeps x's dtype, as a 0-dim scale does
 
     def extra_repr(self) -> str:
         a = f"a{self.act_bits}" if self.act_bits else "a16"
@@ -70,11 +87,26 @@ def dynamic_scale(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def select_timestep_group(model: nn.Module, args) -> None:
-    """Forward pre-hook of a DiT with grouped activation scales: every QuantLinear uses ``t``'s group."""
-    g = batch_timestep_group(args[1], model.timestep_group_edges)
+    """Forward pre-hook of a DiT with grouped activation scales: every QuantLinear uses ``t``'s group.
+
+    ``t`` on the CPU: one host index (:func:`batch_timestep_group`, which refuses a batch mixing
+    groups). Elsewhere: each row's group as a tensor on ``t``'s device (:func:`timestep_groups_of`),
+    since reading ``t`` back would wait for the GPU at every sampler step."""
+    t, edges = args[1], model.timestep_group_edges
+    g = batch_timestep_group(t, edges) if t.device.type == "cpu" else timestep_groups_of(t, edges)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.group = g
+
+
+def timestep_groups_of(t: torch.Tensor, edges) -> torch.Tensor:
+    """``(B,)`` int64: the group of each timestep of ``t`` (the number of descending ``edges`` above it,
+    as :func:`ditrt.contracts.recipe.timestep_group` counts in float64), computed on ``t``'s device."""
+    t = t.reshape(-1).to(torch.float64)
+    groups = torch.zeros(t.shape, dtype=torch.int64, device=t.device)
+    for e in edges:
+        groups += t < float(e)
+    return groups
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
