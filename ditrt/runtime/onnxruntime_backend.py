@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditrt.contracts.errors import ArtifactError, InputError, MissingDependencyError
+from ditrt.contracts.errors import ArtifactError, ConfigError, InputError, MissingDependencyError
 from ditrt.contracts.spec import INPUT_NAMES, OUTPUT_NAMES
 
 log = logging.getLogger(__name__)
@@ -30,15 +30,28 @@ _PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
-def resolve_providers(providers=None) -> list[str]:
-    """None -> CPU. Accepts "cpu"/"cuda" or ONNX Runtime provider names; refuses ones not installed."""
+def device_providers(device: str) -> list | None:
+    """The providers a session on ``device`` asks for: None (the CPU) for ``cpu``, the CUDA provider on
+    that GPU for ``cuda`` (GPU 0) or ``cuda:N``, so that each torchrun rank runs on its own GPU."""
+    kind, sep, index = str(device).partition(":")
+    if kind != "cuda":
+        return None
+    if sep and not index.isdigit():
+        raise ConfigError(f"device {device!r} is not cuda or cuda:N; pass e.g. --device cuda:0")
+    return [("CUDAExecutionProvider", {"device_id": int(index or 0)})]
+
+
+def resolve_providers(providers=None) -> list:
+    """None -> CPU. Accepts "cpu"/"cuda", ONNX Runtime provider names or ``(name, options)`` pairs (as
+    :func:`device_providers` makes); refuses ones not installed. Pairs are kept as they are."""
     import onnxruntime as ort
 
     if providers is None:
         return ["CPUExecutionProvider"]
-    if isinstance(providers, str):
+    if isinstance(providers, (str, tuple)):
         providers = [providers]
-    names = [_PROVIDER_NAMES.get(p.lower(), p) for p in providers]
+    chosen = [(_provider_name(p[0]), p[1]) if isinstance(p, tuple) else _provider_name(p) for p in providers]
+    names = [p[0] if isinstance(p, tuple) else p for p in chosen]
     available = ort.get_available_providers()
     for name in names:
         if name not in available:
@@ -51,8 +64,12 @@ def resolve_providers(providers=None) -> list[str]:
                 f"ONNX Runtime provider {name} is not available here (available: {', '.join(available)}); {hint or 'pick one of those'}"
             )
     if "CPUExecutionProvider" not in names:
-        names.append("CPUExecutionProvider")  # fallback for ops the accelerator lacks
-    return names
+        chosen.append("CPUExecutionProvider")  # fallback for ops the accelerator lacks
+    return chosen
+
+
+def _provider_name(name: str) -> str:
+    return _PROVIDER_NAMES.get(name.lower(), name)
 
 
 def make_session(path, *, providers=None, threads: int | None = None, optimized_model_path=None):
@@ -72,9 +89,9 @@ def make_session(path, *, providers=None, threads: int | None = None, optimized_
         so.add_session_config_entry(key, value)
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)
-    names = resolve_providers(providers)
+    chosen = resolve_providers(providers)
     try:
-        return ort.InferenceSession(os.fspath(path), so, providers=names, disabled_optimizers=list(DISABLED_OPTIMIZERS))
+        return ort.InferenceSession(os.fspath(path), so, providers=chosen, disabled_optimizers=list(DISABLED_OPTIMIZERS))
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/InvalidProtobuf types
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"ONNX Runtime cannot load {path} ({first}); re-export it with `ditrt export`") from None
@@ -132,7 +149,8 @@ def graph_config(metadata: dict, path):
 
 def open_onnxruntime(artifact, *, device: str = "cpu", threads: int | None = None):
     """:class:`~ditrt.runtime.open.OpenDenoiser` for a graph or graph manifest (one session per graph;
-    the CUDA provider on a cuda device). Every graph of a manifest must record the same model."""
+    the CUDA provider on the GPU of a cuda device, :func:`device_providers`). Every graph of a
+    manifest must record the same model."""
     from ditrt.contracts.groups import read_artifact
     from ditrt.runtime.groups import TimestepGroupDenoiser
     from ditrt.runtime.open import OpenDenoiser
@@ -140,13 +158,13 @@ def open_onnxruntime(artifact, *, device: str = "cpu", threads: int | None = Non
     kind, edges, files = read_artifact(artifact)
     if kind != "onnx":
         raise ArtifactError(f"{artifact} lists TensorRT engines, not ONNX graphs; sample it with the TensorRT backend")
-    providers = ["CUDAExecutionProvider"] if str(device).startswith("cuda") else None
+    providers = device_providers(device)
     sessions = [OnnxRuntimeDenoiser(f, providers=providers, threads=threads) for f in files]
     configs = [graph_config(s.metadata, s.path) for s in sessions]
     if any(c != configs[0] for c in configs):
         raise ArtifactError(f"the graphs of {artifact} record different model configs; re-export them together with `ditrt export`")
     batch = sessions[0].input_shapes["x"][0]
     meta = sessions[0].metadata
-    computes = str(device) if providers and "CUDAExecutionProvider" in sessions[0].providers else "cpu"
+    computes = f"cuda:{providers[0][1]['device_id']}" if providers and "CUDAExecutionProvider" in sessions[0].providers else "cpu"
     return OpenDenoiser(TimestepGroupDenoiser(sessions, edges), configs[0], "onnxruntime", str(artifact), meta.get("ditrt.precision"),
                         max_rows=batch if isinstance(batch, int) else None, metadata=meta, device=computes)  # fmt: skip

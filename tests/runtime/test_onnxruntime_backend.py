@@ -4,12 +4,18 @@ import onnx
 import pytest
 import torch
 
-from ditrt.contracts.errors import ArtifactError, InputError, MissingDependencyError
+from ditrt.contracts.errors import ArtifactError, ConfigError, InputError, MissingDependencyError
 from ditrt.contracts.spec import DiTSpec
 from ditrt.diffusion.sampler import SamplerConfig, sample
 from ditrt.export import export_onnx
 from ditrt.models.quantized import quantized_model
-from ditrt.runtime.onnxruntime_backend import OnnxRuntimeDenoiser, make_session, resolve_providers
+from ditrt.runtime.onnxruntime_backend import (
+    OnnxRuntimeDenoiser,
+    device_providers,
+    make_session,
+    open_onnxruntime,
+    resolve_providers,
+)
 from ditrt.runtime.torch_backend import TorchDenoiser
 from tests.conftest import TINY, random_dit
 from tests.export.recipes import absmax_recipe, rel_l2
@@ -122,3 +128,25 @@ def test_providers():
     else:
         with pytest.raises(MissingDependencyError, match="install onnxruntime-gpu"):
             resolve_providers(["cuda"])
+
+
+def test_a_cuda_device_asks_for_the_cuda_provider_on_that_gpu(graphs):
+    """Each torchrun rank opens its graph on cuda:LOCAL_RANK: the CUDA provider gets that GPU's id
+    (not ONNX Runtime's default GPU 0 for every rank). What is requested is checked on any machine;
+    a session is made only with what this ONNX Runtime has."""
+    import onnxruntime as ort
+
+    assert device_providers("cpu") is None
+    assert device_providers("cuda") == [("CUDAExecutionProvider", {"device_id": 0})]
+    assert device_providers("cuda:3") == [("CUDAExecutionProvider", {"device_id": 3})]
+    with pytest.raises(ConfigError, match="not cuda or cuda:N"):
+        device_providers("cuda:x")
+    pair = ("CUDAExecutionProvider", {"device_id": 3})
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert resolve_providers([pair]) == [pair, "CPUExecutionProvider"]
+    else:
+        with pytest.raises(MissingDependencyError, match="install onnxruntime-gpu"):
+            open_onnxruntime(graphs["fp32"][0], device="cuda:1")
+    cpu = ("CPUExecutionProvider", {})
+    assert resolve_providers([cpu]) == [cpu]  # pairs reach the session as they are
+    assert OnnxRuntimeDenoiser(graphs["fp32"][0], providers=[cpu], threads=1).providers == ["CPUExecutionProvider"]
