@@ -26,6 +26,8 @@ finite                 every floating-point initializer and Constant is finite (
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,31 +62,56 @@ FLOAT_TYPES = ("FLOAT", "FLOAT16", "DOUBLE", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8
 
 
 def check_onnx(path: str | Path) -> list[Violation]:
-    """All violations in the ONNX file at ``path`` (empty if TensorRT should accept its Q/DQ)."""
-    import onnx
+    """All violations in the ONNX file at ``path`` (empty if TensorRT should accept its Q/DQ).
+
+    The graph is read without its weights (:func:`ditrt.export.onnx_file.load_lazily`): the checker
+    and shape inference see each large tensor as a reference to its bytes, and the rules below read
+    a tensor only when they need its values."""
+
+    from ditrt.contracts.files import external_locations
+    from ditrt.export.onnx_file import load_lazily
 
     path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"ONNX file {path} not found; create it with `ditrt export`")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise ArtifactError(
-            f"{path} is not a readable ONNX model ({type(e).__name__}); re-export it with `ditrt export`"
-        ) from None
+    model, spans = load_lazily(path)
+    missing = [name for name in external_locations(model) if not (path.parent / name).is_file()]
+    if missing:
+        raise ArtifactError(f"the external data file {path.parent / missing[0]} of {path} is missing; re-export the model with `ditrt export`")
     found = []
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        _run_onnx_checker(model, path)
     except Exception as e:  # ValidationError, InferenceError: one line of the first problem
         found.append(Violation("", "onnx-checker", str(e).strip().splitlines()[0][:300]))
-    return found + _Checker(model, path.parent).run()
+    return found + _Checker(model, path, spans).run()
+
+
+def _run_onnx_checker(model, path: Path) -> None:
+    """``onnx.checker.check_model(full_check=True)`` on ``model`` as :func:`load_lazily` read it.
+
+    The checker resolves external data beside the file it is given (beside the working directory for
+    a model in memory), so the graph without its weights goes to a temp file beside ``path``, whose
+    tensors point into ``path`` itself. Where that folder cannot be written, or ``path`` is a link
+    (whose target the checker would refuse as external data), it checks ``path`` itself, loading it whole."""
+    import onnx
+
+    if path.is_symlink():
+        return onnx.checker.check_model(str(path), full_check=True)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check.onnx", dir=path.parent)
+    except OSError:
+        return onnx.checker.check_model(str(path), full_check=True)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+        onnx.checker.check_model(tmp, full_check=True)
+    finally:
+        os.unlink(tmp)
 
 
 class _Checker:
-    def __init__(self, model, base_dir: Path):
+    def __init__(self, model, path: Path, spans: dict[str, tuple[int, int]]):
         import onnx
 
-        self.model, self.base_dir = model, base_dir
+        self.model, self.path, self.base_dir, self.spans = model, path, path.parent, spans
         g = model.graph
         self.nodes = list(g.node)
         self.inits = {t.name: t for t in g.initializer}
@@ -120,6 +147,8 @@ class _Checker:
         """The value of an initializer or Constant output, else None (loads external data if needed)."""
         from onnx import external_data_helper, numpy_helper
 
+        from ditrt.export.onnx_file import read_span
+
         t = self.inits.get(name)
         if t is None:
             p = self.producer.get(name)
@@ -128,7 +157,12 @@ class _Checker:
             t = next((a.t for a in p.attribute if a.name == "value"), None)
             if t is None:
                 return None
-        if external_data_helper.uses_external_data(t):
+        if t.name in self.spans and name in self.inits:  # left in the graph file by load_lazily
+            t = type(t).FromString(t.SerializeToString())
+            del t.external_data[:]
+            t.data_location = type(t).DEFAULT
+            t.raw_data = read_span(self.path, self.spans[t.name])
+        elif external_data_helper.uses_external_data(t):
             t = type(t).FromString(t.SerializeToString())
             external_data_helper.load_external_data_for_tensor(t, str(self.base_dir))
         return numpy_helper.to_array(t)

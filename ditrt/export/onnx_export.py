@@ -13,7 +13,9 @@ keep their weights in ``<name>.data`` next to the graph (ONNX external data).
 
 from __future__ import annotations
 
+import collections
 import copy
+import gc
 import hashlib
 import json
 import logging
@@ -29,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditrt import __version__
-from ditrt.contracts.errors import ConfigError
+from ditrt.contracts.errors import ArtifactError, ConfigError
 from ditrt.contracts.files import atomic_write, state_dict_hash, tensors_sha256
 from ditrt.contracts.groups import group_graph_path, write_manifest
 from ditrt.contracts.model_config import config_metadata
-from ditrt.contracts.recipe import Recipe
+from ditrt.contracts.recipe import Recipe, folded_state
 from ditrt.contracts.spec import INPUT_NAMES, OUTPUT_NAMES, DiTSpec
 from ditrt.models.dit import DiT, TimestepEmbedder
 
@@ -88,12 +90,9 @@ def export_onnx(
     if recipe is not None:
         qdq.check_exportable(recipe, tensors, dtype=dtype, opset=opset, model_hash=model_hash, timestep_group=timestep_group)
         weights = qdq.layer_weights(model, recipe, tensors)  # float32 (out, in), folded
-    traced = export_copy(model, dtype)
-    if recipe is not None:
-        folded = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-        if folded:
-            traced.load_state_dict(folded)  # cast to the traced copy's dtype
-    ir_model = _export_float(traced, opset, batch)
+    folded = (folded_state(tensors) or None) if recipe is not None else None
+    ir_model = _export_float(export_copy(model, dtype, state=folded), opset, batch)
+    gc.collect()  # the traced copy and the exporter's program: weights the graph no longer uses go now
     if recipe is not None:
         qdq.insert_qdq(ir_model, recipe, weights, tensors, dtype=dtype, timestep_group=timestep_group or 0)
     else:
@@ -158,25 +157,51 @@ def _with_float32_io(cls: type) -> type:
     return type(f"{cls.__name__}Float16", (cls,), {"forward": forward})
 
 
-def export_copy(model: DiT, dtype: str = "fp32") -> DiT:
+def export_copy(model: DiT, dtype: str = "fp32", *, state: dict[str, torch.Tensor] | None = None) -> DiT:
     """The module that is traced: an eval copy with exact timestep frequencies; for "fp16" also
     float16 weights, float32 LayerNorms and timestep sinusoid, and a float32 graph boundary.
 
-    Classes are swapped in place rather than wrapped, so that parameter names and the module paths
-    the exporter records stay those of the checkpoint (Q/DQ insertion finds layers by them).
+    ``state``: the weights to trace instead of the model's own (a recipe's folded ``model.*``, prefix
+    stripped; every key of the model's state dict, as ``load_state_dict`` wants). No weight is copied
+    that need not be: a float32 copy shares the tensors of ``model`` (or ``state``), a float16 one
+    converts them one at a time (a DiT-XL/2 is 2.7 GB in float32). Classes are swapped in place
+    rather than wrapped, so that parameter names and the module paths the exporter records stay
+    those of the checkpoint (Q/DQ insertion finds layers by them).
     """
-    m = copy.deepcopy(model).cpu().eval()
+    own = model.state_dict(keep_vars=True)
+    if state is not None:
+        _check_state(own, state)
+    memo = {id(t): _traced_tensor(t, t if state is None else state[name], dtype) for name, t in own.items()}
+    m = copy.deepcopy(model, memo).cpu().eval()
     if dtype == "fp16":
         for mod in m.modules():
             if type(mod) is nn.LayerNorm:
                 mod.__class__ = _Float32LayerNorm
         m.__class__ = _with_float32_io(type(m))
-        m.half()
+        m.half()  # what is left: tensors outside the state dict
     for mod in m.modules():
         if type(mod) is TimestepEmbedder:
             mod.__class__ = _ExportTimestepEmbedder
             mod.register_buffer("freqs", _timestep_frequencies(mod.freq_dim, mod.freq_shift), persistent=False)
     return m
+
+
+def _traced_tensor(own: torch.Tensor, source: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``source`` as the traced copy holds ``own``: same kind (Parameter or buffer), on the CPU, in
+    ``own``'s dtype (float16 for a float16 copy); the same storage when nothing changes."""
+    to = torch.float16 if dtype == "fp16" and own.is_floating_point() else own.dtype
+    data = source.detach().to("cpu", to)
+    return nn.Parameter(data, requires_grad=own.requires_grad) if isinstance(own, nn.Parameter) else data
+
+
+def _check_state(own: dict, state: dict) -> None:
+    """Refuse recipe weights that ``load_state_dict`` would refuse: other names or shapes."""
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        what = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
+                else f"{wrong[0]} shaped {tuple(state[wrong[0]].shape)}, not {tuple(own[wrong[0]].shape)}")  # fmt: skip
+        raise ArtifactError(f"the recipe's folded weights do not fit the model ({what}); re-run `ditrt calibrate` for this model")
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -206,7 +231,21 @@ def _export_float(traced: DiT, opset: int, batch: int):
     for node in ir_model.graph:
         for key in _DROPPED_NODE_METADATA:
             node.metadata_props.pop(key, None)
+    _forget_removed_inputs(ir_model.graph)
     return ir_model
+
+
+def _forget_removed_inputs(graph) -> None:
+    """Let go of the values the exporter once made graph inputs and then removed.
+
+    onnx_ir (1.1) counts a graph's inputs in a Counter and leaves a removed value in it at count 0,
+    so every initializer the exporter's optimizer replaced stays alive, with its weights: the
+    untransposed Linear weights, which Q/DQ insertion would otherwise free as it replaces each one
+    by its integers (0.85 GB for a float16 DiT-XL/2). A zero count means absent to a Counter."""
+    counter = getattr(graph.inputs, "_ref_counter", None)
+    if isinstance(counter, collections.Counter):
+        for value in [v for v, n in counter.items() if n <= 0]:
+            del counter[value]
 
 
 def _metadata(model: DiT, dtype: str, model_hash: str, recipe: Recipe | None, tensors) -> dict[str, str]:
@@ -243,8 +282,11 @@ def initializer_bytes(ir_model) -> int:
 def save_model(ir_model, path: Path, *, external_data: bool | None = None) -> Path:
     """Write atomically: a temp file renamed over ``path``; with external data, both files are
     written in a temp folder beside ``path``, the data file is moved first and the graph last, so a
-    reader never sees a graph whose data is missing."""
+    reader never sees a graph whose data is missing. Either way the weights are written one tensor at
+    a time (:func:`ditrt.export.onnx_file.save_protobuf`, or onnx_ir's external data writer)."""
     import onnx_ir as ir
+
+    from ditrt.export.onnx_file import INLINE_BYTES, save_protobuf
 
     path = Path(path)
     data_name = path.name + ".data"
@@ -252,14 +294,14 @@ def save_model(ir_model, path: Path, *, external_data: bool | None = None) -> Pa
     if external_data is None:
         external_data = initializer_bytes(ir_model) > EXTERNAL_DATA_THRESHOLD
     if not external_data:
-        atomic_write(path, lambda tmp: ir.save(ir_model, tmp, format="protobuf"))
+        atomic_write(path, lambda tmp: save_protobuf(ir_model, tmp))
         if stale.exists():  # an earlier export of this name had external data: it is no longer used
             stale.unlink()
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        ir.save(ir_model, tmp_dir / path.name, format="protobuf", external_data=data_name, size_threshold_bytes=1024)
+        ir.save(ir_model, tmp_dir / path.name, format="protobuf", external_data=data_name, size_threshold_bytes=INLINE_BYTES)
         os.replace(tmp_dir / data_name, path.parent / data_name)
         os.replace(tmp_dir / path.name, path)
     finally:

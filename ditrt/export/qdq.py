@@ -30,7 +30,7 @@ from torch import nn
 from ditrt.contracts.errors import ArtifactError, ConfigError
 from ditrt.contracts.precisions import FORMATS, INT4_BLOCK_SIZES
 from ditrt.contracts.quantizers import expand_weight_scale, quantize
-from ditrt.contracts.recipe import Recipe, check_recipe_matches
+from ditrt.contracts.recipe import Recipe, check_recipe_matches, folded_state
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def folded_model(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Modul
     """A copy of ``model`` with the recipe's folded float weights (``model.*``), if it has any: the
     float model a quantized graph is the Q/DQ version of."""
     m = copy.deepcopy(model).eval()
-    folded = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    folded = folded_state(tensors)
     if folded:
         m.load_state_dict(folded)
     return m
