@@ -41,6 +41,16 @@ def device_providers(device: str) -> list | None:
     return [("CUDAExecutionProvider", {"device_id": int(index or 0)})]
 
 
+def onnxruntime_device(device: str) -> str:
+    """Where ONNX Runtime computes when asked for torch ``device``: that GPU with the CUDA provider
+    (onnxruntime-gpu installed), else the CPU. Callers that fall back say so once."""
+    if not str(device).startswith("cuda"):
+        return "cpu"
+    import onnxruntime as ort
+
+    return str(device) if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
 def resolve_providers(providers=None) -> list:
     """None -> CPU. Accepts "cpu"/"cuda", ONNX Runtime provider names or ``(name, options)`` pairs (as
     :func:`device_providers` makes); refuses ones not installed. Pairs are kept as they are."""

@@ -13,6 +13,7 @@ from ditrt.runtime.onnxruntime_backend import (
     OnnxRuntimeDenoiser,
     device_providers,
     make_session,
+    onnxruntime_device,
     open_onnxruntime,
     resolve_providers,
 )
@@ -142,9 +143,11 @@ def test_a_cuda_device_asks_for_the_cuda_provider_on_that_gpu(graphs):
     with pytest.raises(ConfigError, match="not cuda or cuda:N"):
         device_providers("cuda:x")
     pair = ("CUDAExecutionProvider", {"device_id": 3})
+    assert onnxruntime_device("cpu") == "cpu"
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        assert resolve_providers([pair]) == [pair, "CPUExecutionProvider"]
+        assert resolve_providers([pair]) == [pair, "CPUExecutionProvider"] and onnxruntime_device("cuda:3") == "cuda:3"
     else:
+        assert onnxruntime_device("cuda:3") == "cpu"  # where a caller that falls back runs the graph
         with pytest.raises(MissingDependencyError, match="install onnxruntime-gpu"):
             open_onnxruntime(graphs["fp32"][0], device="cuda:1")
     cpu = ("CPUExecutionProvider", {})
