@@ -226,13 +226,13 @@ def _sample_evaluate_compare(model, recipe, tensors, opened, labels, pixel, conf
     if pixel:
         float_images, quant_images = float_out, quant_out
     elif config.vae is not None:
-        from ditrt.runtime.vae import decode_latents
+        from ditrt.runtime.vae import load_vae
 
         echo(f"decoding both sample sets with the VAE in {config.vae} on {config.device}")
         report["devices"]["vae"] = config.device
         with clock("decode"):
-            float_images = decode_latents(float_out, config.vae, device=config.device)
-            quant_images = decode_latents(quant_out, config.vae, device=config.device)
+            decode = load_vae(config.vae, config.device)  # once for both sets
+            float_images, quant_images = decode(float_out), decode(quant_out)
     echo("[5/6] evaluating")
     with clock("evaluate"):
         report["quality"] = evaluate_pair(float_out, quant_out, float_images, quant_images, labels, pixel=pixel)
