@@ -115,7 +115,9 @@ class _Options:
     as_json: bool
 
 
-def _sample_opened(opened, o: _Options, world, device: str, *, model, check_graph):
+def _sample_opened(opened, o: _Options, world, asked: str, *, model, check_graph):
+    """Sample on ``opened.device`` (where the backend computes, which may differ from the ``asked``
+    --device: ONNX Runtime without its CUDA provider computes on the CPU); decode on ``asked``."""
     from ditrt.diffusion.sample_set import default_labels
     from ditrt.diffusion.sampler import SamplerConfig
     from ditrt.diffusion.schedule import make_schedule
@@ -134,6 +136,10 @@ def _sample_opened(opened, o: _Options, world, device: str, *, model, check_grap
     sampler = SamplerConfig(steps=str(o.steps), cfg_scale=o.cfg_scale, guidance=o.guidance, clip_denoised=pixel)
     labels = default_labels(o.num, cfg.num_classes, o.classes)
     plan = ShardPlan(o.out_dir, o.num, _batch_size(opened, o))
+    _check_rows(opened, plan, o)
+    device = world.device(opened.device)  # where each step's tensors live: no copy to and from the backend
+    if world.is_main and device.split(":")[0] != asked.split(":")[0]:
+        log.warning("%s computes on %s, not on the asked %s: sampling there", opened.source, device, asked)
     seeds = [o.seed + i for i in range(o.num)]
     settings = {
         "artifact": opened.source, "backend": opened.backend, "precision": opened.precision,
@@ -143,7 +149,12 @@ def _sample_opened(opened, o: _Options, world, device: str, *, model, check_grap
     }  # fmt: skip
     if o.vae_dir is not None:
         settings["vae"] = str(o.vae_dir)
-    run = _run_identity(opened, model, check_graph, o, sampler, cfg, device)
+    run = _run_identity(opened, model, check_graph, o, sampler, cfg, device, asked)
+    decode = None
+    if o.vae_dir is not None:  # loaded once per process, before any sampling
+        from ditrt.runtime.vae import load_vae
+
+        decode = load_vae(o.vae_dir, asked)
 
     def draw(chunk_labels, chunk_seeds, on_step):
         from ditrt.diffusion.sample_set import generate
@@ -152,11 +163,7 @@ def _sample_opened(opened, o: _Options, world, device: str, *, model, check_grap
             opened.denoiser, sampler, chunk_labels, chunk_seeds, num_classes=cfg.num_classes,
             image_shape=(cfg.in_channels, cfg.input_size, cfg.input_size), device=device, batch_size=len(chunk_labels), on_step=on_step,
         )  # fmt: skip
-        if o.vae_dir is None:
-            return data
-        from ditrt.runtime.vae import decode_latents
-
-        return decode_latents(data, o.vae_dir, device=device)
+        return data if decode is None else decode(data)
 
     found = sample_shards(plan, draw, labels=labels, seeds=seeds, kind=kind, run=run, steps=make_schedule(sampler.steps).num_steps,
                           world=world, overwrite=o.overwrite, adm=o.adm_npz)  # fmt: skip
@@ -203,9 +210,9 @@ def _count(n: int, thing: str) -> str:
 
 
 def _batch_size(opened, o: _Options) -> int:
-    limit = opened.images_per_call(guided=o.cfg_scale != 1.0)
+    limit = opened.images_per_call(guided=o.cfg_scale != 1.0)  # a ConfigError when not one image fits
     if o.batch_size is None:
-        return limit or DEFAULT_BATCH
+        return DEFAULT_BATCH if limit is None else limit
     if limit is not None and o.batch_size > limit:
         raise ConfigError(
             f"--batch-size {o.batch_size} is more than {opened.source} takes: at most {limit} images per call"
@@ -214,8 +221,28 @@ def _batch_size(opened, o: _Options) -> int:
     return o.batch_size
 
 
-def _run_identity(opened, model, check_graph, o: _Options, sampler, cfg, device: str) -> dict:
-    """What makes two runs' shards interchangeable: the same inputs (by path, size and mtime), settings, seed, classes, device type."""
+def _check_rows(opened, plan, o: _Options) -> None:
+    """Refuse, before sampling, a run with a chunk smaller than the backend takes (an engine built with a
+    `ditrt build --batch` minimum above 1): the last chunk holds what is left of --num."""
+    from ditrt.contracts.profile import rows_per_image
+
+    guided = o.cfg_scale != 1.0
+    k, b = rows_per_image(guided), plan.batch_size
+    smallest = min(len(c) for c in plan.chunks)
+    if smallest * k >= opened.min_rows:
+        return
+    need = -(-opened.min_rows // k)  # images per call
+    fix = f"--batch-size {need} or more" if b < need else f"a --num that fills its last chunk (e.g. --num {-(-o.num // b) * b})"
+    rows = f"{smallest * k} rows{' with guidance' if guided else ''}"
+    raise ConfigError(
+        f"{opened.source} takes at least {opened.min_rows} rows per call, but --num {o.num} in chunks of {b} images has a chunk "
+        f"of {smallest} ({rows}); pass {fix}, or rebuild it with `ditrt build --batch 1:OPT:MAX`"
+    )
+
+
+def _run_identity(opened, model, check_graph, o: _Options, sampler, cfg, device: str, vae_device: str) -> dict:
+    """What makes two runs' shards interchangeable: the same inputs (by path, size and mtime), settings, seed,
+    classes, and the types of the devices that sampled and decoded."""
     from ditrt.diffusion.shards import file_identity
     from ditrt.models.builtin import BUILTIN_DIT, BUILTIN_NAME
 
@@ -226,6 +253,7 @@ def _run_identity(opened, model, check_graph, o: _Options, sampler, cfg, device:
         "artifact": ident(opened.source), "backend": opened.backend, "precision": opened.precision, "model": ident(model),
         "onnx": ident(check_graph), "vae": ident(o.vae_dir), "sampler": sampler.to_dict(), "model_config": cfg.to_dict(),
         "seed": o.seed, "classes": o.classes, "device": device.split(":")[0],
+        "vae_device": vae_device.split(":")[0] if o.vae_dir is not None else None,
     }  # fmt: skip
 
 
@@ -282,9 +310,9 @@ def _expect(path, flag: str) -> None:
 
 def _device(device: str, backend: str) -> str:
     """--device auto: the GPU where the backend can use it (ONNX Runtime only with its CUDA provider)."""
+    resolved = resolve_device(device)
     if device == "auto" and backend == "onnxruntime":
-        import onnxruntime as ort
+        from ditrt.runtime.onnxruntime_backend import onnxruntime_device
 
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            return "cpu"
-    return resolve_device(device)
+        return onnxruntime_device(resolved)
+    return resolved

@@ -5,32 +5,25 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from ditrt.cli import main
 
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
+def test_sample_a_latent_graph_and_decode_it_with_a_local_vae(tmp_path, tiny_ckpt, vae_dir, monkeypatch):
+    import ditrt.runtime.vae as vae_module
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
-                        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)  # fmt: skip
-    path = tmp_path_factory.mktemp("vae") / "vae"
-    vae.save_pretrained(str(path))
-    return path
-
-
-def test_sample_a_latent_graph_and_decode_it_with_a_local_vae(tmp_path, tiny_ckpt, vae_dir):
+    loads = []
+    real = vae_module.load_vae
+    monkeypatch.setattr(vae_module, "load_vae", lambda *a, **kw: loads.append(a) or real(*a, **kw))
     r = CliRunner().invoke(main, ["export", "--model", str(tiny_ckpt), "--out", str(tmp_path / "m.onnx")])
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, ["sample", str(tmp_path / "m.onnx"), "--vae", str(vae_dir), "--steps", "3", "--num", "2",
-                                  "--out", str(tmp_path / "s")])  # fmt: skip
+    r = CliRunner().invoke(main, ["sample", str(tmp_path / "m.onnx"), "--vae", str(vae_dir), "--steps", "3", "--num", "3",
+                                  "--batch-size", "1", "--out", str(tmp_path / "s")])  # fmt: skip
     assert r.exit_code == 0, r.output
+    assert loads == [(vae_dir, "cpu")]  # once for the run's three chunks
     z = np.load(tmp_path / "s" / "samples.npz")
-    assert z["images"].shape == (2, 3, 16, 16) and np.isfinite(z["images"]).all()  # 8x8 latents, 2x upsampling VAE
+    assert z["images"].shape == (3, 3, 16, 16) and np.isfinite(z["images"]).all()  # 8x8 latents, 2x upsampling VAE
     assert json.loads(str(z["settings"]))["backend"] == "onnxruntime" and (tmp_path / "s" / "samples.png").exists()
 
 
@@ -42,3 +35,20 @@ def test_the_pipeline_decodes_a_latent_models_samples_and_draws_them(tmp_path, t
     report = json.loads(r.stdout)
     assert "comparison.png" in report["files"] and (tmp_path / "p" / "comparison.png").exists()
     assert "psnr_db" in report["quality"], report["quality"]
+
+
+def test_the_vae_decodes_any_batching_alike_and_bad_folders_are_one_line_errors(tmp_path, vae_dir):
+    from ditrt.contracts.errors import CheckpointError
+    from ditrt.runtime.vae import decode_latents, load_vae
+
+    latents = np.random.default_rng(0).standard_normal((3, 4, 8, 8)).astype(np.float32)
+    decode = load_vae(vae_dir, "cpu", batch_size=2)
+    images = decode(latents)
+    assert images.shape == (3, 3, 16, 16) and images.dtype == np.float32 and np.abs(images).max() <= 1
+    np.testing.assert_allclose(decode_latents(latents[2:], vae_dir), images[2:], rtol=0, atol=1e-5)  # batches of 2 or 1
+    with pytest.raises(CheckpointError, match="is not a diffusers AutoencoderKL folder"):
+        load_vae(tmp_path, "cpu")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="could not load the VAE from") as e:
+        load_vae(tmp_path, "cpu")
+    assert "\n" not in str(e.value)

@@ -14,7 +14,6 @@ import pytest
 from click.testing import CliRunner
 
 from ditrt.cli import main
-from tests.cli.test_latent_vae import vae_dir  # noqa: F401  (the small random diffusers VAE, a module fixture)
 
 
 def run(*args):
@@ -39,7 +38,7 @@ def _arrays(path):
         return {k: z[k] for k in z.keys()}
 
 
-def test_two_torchrun_processes_resume_a_one_process_run_bit_for_bit(tmp_path, tiny_ckpt, vae_dir):  # noqa: F811
+def test_two_torchrun_processes_resume_a_one_process_run_bit_for_bit(tmp_path, tiny_ckpt, vae_dir):
     common = [tiny_ckpt, "--vae", vae_dir, "--adm-npz", "--steps", "3", "--batch-size", "2", "--seed", "5", "--classes", "1,2,7"]
     r = run(*common, "--num", "6", "--out", tmp_path / "one")
     assert r.exit_code == 0, r.output
@@ -102,3 +101,48 @@ def test_an_adm_npz_that_cannot_be_written_is_refused_before_sampling(tmp_path, 
     r = CliRunner().invoke(main, ["sample", *args, "--steps", "3", "--num", "2", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "o").exists()
+
+
+def _opened_as(monkeypatch, calls: list, **fields):
+    """`ditrt sample` opens its artifact as usual, then the OpenDenoiser gets ``fields`` (what an engine's
+    profile or a backend computing elsewhere would say) and records the rows and device of each call."""
+    import ditrt.runtime.open as open_module
+
+    real = open_module.open_denoiser
+
+    def opened_as(*a, **kw):
+        opened = real(*a, **kw)
+        inner = opened.denoiser
+        opened.denoiser = lambda x, t, y: calls.append((x.shape[0], x.device.type)) or inner(x, t, y)
+        for name, value in fields.items():
+            setattr(opened, name, value)
+        return opened
+
+    monkeypatch.setattr(open_module, "open_denoiser", opened_as)
+
+
+def test_a_chunk_below_the_backends_minimum_rows_is_refused_before_sampling(tmp_path, tiny_ckpt, monkeypatch):
+    """A backend taking 6..8 rows per call (an engine built with `ditrt build --batch 3:4:4`): 4 images
+    per guided call, at least 3; the last chunk of --num 5 would hold 1."""
+    calls = []
+    _opened_as(monkeypatch, calls, min_rows=6, max_rows=8)
+    cases = [(["--num", "5"], "chunk of 1 (2 rows with guidance); pass a --num that fills its last chunk (e.g. --num 8)"),
+             (["--num", "4", "--batch-size", "2"], "chunk of 2 (4 rows with guidance); pass --batch-size 3 or more")]  # fmt: skip
+    for extra, message in cases:
+        r = CliRunner().invoke(main, ["sample", str(tiny_ckpt), "--steps", "2", *extra, "--out", str(tmp_path / "o")])
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+        assert "takes at least 6 rows per call" in r.output and message in r.output and "`ditrt build --batch" in r.output
+        assert not (tmp_path / "o").exists() and calls == []
+    r = run(tiny_ckpt, "--steps", "2", "--num", "8", "--out", tmp_path / "o")  # the fix it named
+    assert r.exit_code == 0, r.output
+    assert {rows for rows, _ in calls} == {8}
+
+
+def test_sampling_happens_on_the_device_the_backend_computes_on(tmp_path, tiny_ckpt, monkeypatch):
+    """--device cpu, but the backend says it computes on 'meta' (as ONNX Runtime without its CUDA
+    provider says 'cpu' under --device cuda): the sampler's tensors are made there, not on --device.
+    (The torch model behind it is on the CPU, so the first call stops at copying a meta tensor.)"""
+    calls = []
+    _opened_as(monkeypatch, calls, device="meta")
+    r = CliRunner().invoke(main, ["sample", str(tiny_ckpt), "--steps", "2", "--num", "2", "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and calls == [(4, "meta")]  # 2 images, guided
