@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ditrt.cli import main
+from ditrt.cli.options import device_option, resolve_device
 from ditrt.contracts.errors import ArtifactError, ConfigError
 
 
@@ -33,9 +34,15 @@ from ditrt.contracts.errors import ArtifactError, ConfigError
 @click.option("--timesteps", default=5, show_default=True, type=int, help="Recorded steps of that run.")
 @click.option("--save-inputs", type=click.Path(path_type=Path), default=None, help="Write the inputs as a Polygraphy input file.")
 @click.option("--load-inputs", type=click.Path(path_type=Path), default=None, help="Use a Polygraphy input file instead.")
+@device_option
+@click.option("--vae", "vae_dir", type=click.Path(path_type=Path), default=None,
+              help="diffusers AutoencoderKL folder (latent models): also sample --images images with the reference and the graph "
+                   "from the same seeds, decode both and compare the images (paired PSNR).")  # fmt: skip
+@click.option("--images", default=4, show_default=True, type=click.IntRange(min=1),
+              help="With --vae: images each model samples at --steps (guidance 1.5 where the model has a null class).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (Polygraphy's log goes to stderr).")
 def compare(model_spec, recipe_dir, onnx_path, reference_onnx, engine, per_layer, threshold, atol, rtol, error_stat, steps, timesteps,
-            save_inputs, load_inputs, as_json):  # fmt: skip
+            save_inputs, load_inputs, device, vae_dir, images, as_json):  # fmt: skip
     """Accuracy of an exported graph (and engine) on real DiT inputs, through Polygraphy.
 
     Exit code 0 when every comparison passes Polygraphy's atol/rtol check, 1 when one fails, 2 on bad input. The
@@ -45,32 +52,44 @@ def compare(model_spec, recipe_dir, onnx_path, reference_onnx, engine, per_layer
     from ditrt.compare.accuracy import per_layer as per_layer_compare
     from ditrt.compare.inputs import load_feeds, record_feeds, save_feeds
     from ditrt.compare.runners import DenoiserRunner
-    from ditrt.runtime.onnxruntime_backend import make_session
+    from ditrt.runtime.onnxruntime_backend import make_session, onnxruntime_device
     from ditrt.runtime.open import open_denoiser
 
-    _validate(onnx_path, reference_onnx, recipe_dir, engine, steps, timesteps, atol, rtol, threshold, load_inputs, save_inputs)
-    test = open_denoiser(onnx_path)
+    _validate(onnx_path, reference_onnx, recipe_dir, engine, steps, timesteps, atol, rtol, threshold, load_inputs, save_inputs, vae_dir)
+    device = resolve_device(device)
+    graph_device = onnxruntime_device(device)
+    if graph_device != device:
+        click.echo(f"note: ONNX Runtime has no CUDA provider here (pip install onnxruntime-gpu): the graphs run on the CPU, torch on {device}",
+                   err=True)  # fmt: skip
+    test = open_denoiser(onnx_path, device=graph_device)
     atol, rtol, error_stat = _tolerance(test.precision, atol, rtol, error_stat)
     if reference_onnx is not None:
-        reference, ref_name = open_denoiser(reference_onnx), f"onnxruntime:{reference_onnx.name}"
+        reference, ref_name = open_denoiser(reference_onnx, device=graph_device), f"onnxruntime:{reference_onnx.name}"
     elif recipe_dir is not None:
-        reference, ref_name = open_denoiser(recipe_dir, model=model_spec), "torch:simulated-recipe"
+        reference, ref_name = open_denoiser(recipe_dir, model=model_spec, device=device), "torch:simulated-recipe"
     else:
-        reference, ref_name = open_denoiser(model_spec or "builtin"), "torch:float"
+        reference, ref_name = open_denoiser(model_spec or "builtin", device=device), "torch:float"
     cfg = test.config
     if reference.config != cfg:
         raise ConfigError(f"{onnx_path} and the reference are different models ({_size(cfg)} vs {_size(reference.config)}); "
                           "pass the --model, --recipe or --reference-onnx it was exported from")  # fmt: skip
+    if vae_dir is not None and cfg.in_channels != 4:
+        raise ConfigError(f"--vae decodes 4-channel latents, but {onnx_path} makes {cfg.in_channels}-channel images; drop --vae")
     needs_float = not load_inputs or (per_layer and reference_onnx is None)
-    float_model = _float_model(model_spec, reference, recipe_dir) if needs_float else None
+    float_model = _float_model(model_spec, reference, recipe_dir, device) if needs_float else None
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     pixel = cfg.pixel_space
-    feeds = load_feeds(load_inputs) if load_inputs else record_feeds(float_model, steps=steps, timesteps=timesteps, pixel_space=pixel)
+    if load_inputs:
+        feeds = load_feeds(load_inputs)
+    else:
+        feeds = record_feeds(float_model, steps=steps, timesteps=timesteps, pixel_space=pixel, device=_device_of(float_model))
     if save_inputs:
         save_feeds(feeds, save_inputs)
-    test_runner = DenoiserRunner(test.denoiser, image_shape=shape, name=f"onnxruntime:{onnx_path.name}")
-    reference_runner = DenoiserRunner(reference.denoiser, image_shape=shape, name=ref_name)
+    test_runner = DenoiserRunner(test.denoiser, image_shape=shape, name=f"onnxruntime:{onnx_path.name}", device=test.device)
+    reference_runner = DenoiserRunner(reference.denoiser, image_shape=shape, name=ref_name, device=reference.device)
     results = {"comparisons": [compare_runners(reference_runner, test_runner, feeds, atol=atol, rtol=rtol, error_stat=error_stat)]}
+    if vae_dir is not None:
+        results["images"] = _compare_images(reference, test, cfg, steps, images, vae_dir, device)
     if engine is not None:
         with open_denoiser(engine, onnx=onnx_path, device="cuda") as trt:
             trt_runner = DenoiserRunner(trt.denoiser, image_shape=shape, name=f"tensorrt:{engine.name}", device="cuda")
@@ -79,7 +98,7 @@ def compare(model_spec, recipe_dir, onnx_path, reference_onnx, engine, per_layer
         with tempfile.TemporaryDirectory() as tmp:
             ref_graph = reference_onnx or _folded_float_graph(float_model, recipe_dir, Path(tmp))
             results["per_layer"] = per_layer_compare(ref_graph, onnx_path, feeds, session_factory=make_session, threshold=threshold)
-    results["passed"] = all(c["passed"] for c in results["comparisons"])
+    results["passed"] = all(c["passed"] for c in results["comparisons"])  # the image comparison is a measurement, not a check
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
@@ -96,7 +115,7 @@ def _tolerance(precision, atol, rtol, error_stat) -> tuple[float, float, str]:
     return (tol.atol if atol is None else atol, tol.rtol if rtol is None else rtol, tol.error_stat if error_stat is None else error_stat)
 
 
-def _validate(onnx_path, reference_onnx, recipe_dir, engine, steps, timesteps, atol, rtol, threshold, load_inputs, save_inputs) -> None:
+def _validate(onnx_path, reference_onnx, recipe_dir, engine, steps, timesteps, atol, rtol, threshold, load_inputs, save_inputs, vae_dir) -> None:
     """Every option, before any model is loaded."""
     from ditrt.contracts.files import check_writable
     from ditrt.diffusion.schedule import make_schedule
@@ -118,15 +137,47 @@ def _validate(onnx_path, reference_onnx, recipe_dir, engine, steps, timesteps, a
         raise ConfigError(f"--threshold must be > 0, got {threshold}")
     if save_inputs is not None:
         check_writable(save_inputs, what="--save-inputs")
+    if vae_dir is not None and not (Path(vae_dir) / "config.json").is_file():
+        raise ConfigError(f"--vae {vae_dir} is not a diffusers AutoencoderKL folder (no config.json); pass e.g. a local sd-vae-ft-ema copy")
 
 
-def _float_model(model_spec, reference, recipe_dir):
-    """What records the inputs (a float sampling run): --model, else the recipe's folded float model,
-    else the reference itself (the float checkpoint, or the reference graph: an OpenDenoiser has a config)."""
+def _device_of(model) -> str:
+    """Where a recording model computes: an OpenDenoiser says so, a torch module by its parameters."""
+    if hasattr(model, "device") and not hasattr(model, "parameters"):
+        return str(model.device)
+    return str(next(model.parameters()).device)
+
+
+def _compare_images(reference, test, cfg, steps: str, images: int, vae_dir: Path, device: str) -> dict:
+    """Both models sample ``images`` images from the same seeds and labels; decoded, they are compared as images."""
+    import torch
+
+    from ditrt.diffusion.sample_set import default_labels, generate
+    from ditrt.diffusion.sampler import SamplerConfig
+    from ditrt.quality.metrics import paired_psnr, relative_error
+    from ditrt.runtime.vae import decode_latents
+
+    cfg_scale = 1.5 if cfg.has_null_class else 1.0
+    sampler = SamplerConfig(steps=str(steps), cfg_scale=cfg_scale)
+    labels, seeds = default_labels(images, cfg.num_classes), list(range(images))
+    out = {}
+    for name, opened in (("reference", reference), ("test", test)):
+        batch = min(images, opened.images_per_call(guided=cfg_scale != 1.0) or images)
+        out[name] = generate(opened.denoiser, sampler, labels, seeds, num_classes=cfg.num_classes, device=opened.device, batch_size=batch,
+                             image_shape=(cfg.in_channels, cfg.input_size, cfg.input_size), progress=True)  # fmt: skip
+    decoded = {name: decode_latents(z, vae_dir, device=device) for name, z in out.items()}
+    return {"images": images, "steps": str(steps), "cfg_scale": cfg_scale, "vae": str(vae_dir),
+            "psnr_db": paired_psnr(decoded["reference"], decoded["test"]),
+            "latent_rel_l2": relative_error(torch.from_numpy(out["reference"]), torch.from_numpy(out["test"]))}  # fmt: skip
+
+
+def _float_model(model_spec, reference, recipe_dir, device: str = "cpu"):
+    """What records the inputs (a float sampling run, on ``device`` where it is torch): --model, else the recipe's
+    folded float model, else the reference itself (the float checkpoint, or the reference graph: an OpenDenoiser has a config)."""
     from ditrt.runtime.open import open_denoiser
 
     if model_spec is not None:
-        return reference.model if reference.backend == "torch" and recipe_dir is None else open_denoiser(model_spec).model
+        return reference.model if reference.backend == "torch" and recipe_dir is None else open_denoiser(model_spec, device=device).model
     if recipe_dir is not None:
         from ditrt.contracts.model_config import DiTConfig
         from ditrt.contracts.recipe import load_recipe
@@ -134,7 +185,7 @@ def _float_model(model_spec, reference, recipe_dir):
         from ditrt.models.dit import DiT
 
         recipe, tensors = load_recipe(recipe_dir)
-        return folded_model(DiT(DiTConfig.from_dict(recipe.model_config)), tensors)  # computes what the float model computes
+        return folded_model(DiT(DiTConfig.from_dict(recipe.model_config)), tensors).to(device)  # computes what the float model computes
     return reference.model if reference.backend == "torch" else reference
 
 
@@ -148,6 +199,10 @@ def _print(results: dict, atol: float, rtol: float, threshold: float) -> None:
         for name, s in c["outputs"].items():
             click.echo(f"{c['reference'][:32]:32} {c['test'][:32]:32} {s['rel_l2']:9.2e} {s['max_abs']:9.2e} {s['mean_abs']:9.2e} "
                        f"{s['cosine']:9.6f} {s['snr_db']:7.1f}  {'PASSED' if c['passed'] else 'FAILED'} ({c['error_stat']} within atol {atol}, rtol {rtol})")  # fmt: skip
+    if "images" in results:
+        i = results["images"]
+        click.echo(f"decoded images ({i['images']} per model, {i['steps']} steps, cfg {i['cfg_scale']}): paired PSNR {i['psnr_db']:.2f} dB; "
+                   f"latent relative L2 {i['latent_rel_l2']:.4f}")  # fmt: skip
     if "per_layer" in results:
         p = results["per_layer"]
         first = p["first_over_threshold"]
@@ -166,4 +221,4 @@ def _folded_float_graph(model, recipe_dir, tmp: Path) -> Path:
     if recipe_dir is None:
         raise ConfigError("--per-layer needs a second graph: pass --reference-onnx, or --recipe to export its float graph")
     _, tensors = load_recipe(recipe_dir)
-    return export_onnx(folded_model(model, tensors), tmp / "folded-float.onnx", dtype="fp32")
+    return export_onnx(folded_model(model.cpu(), tensors), tmp / "folded-float.onnx", dtype="fp32")

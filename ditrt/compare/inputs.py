@@ -32,10 +32,11 @@ def quiet_polygraphy():
         G_LOGGER.module_severity = old
 
 
-def record_feeds(model, *, steps: str = "50", timesteps: int = 5, samples: int = 4, seed: int = 1234, pixel_space: bool = False) -> list[Feed]:
-    """Inputs ``{"x", "t", "y"}`` seen by the float model at ``timesteps`` steps of a sampling run."""
+def record_feeds(model, *, steps: str = "50", timesteps: int = 5, samples: int = 4, seed: int = 1234, pixel_space: bool = False,
+                 device: str = "cpu") -> list[Feed]:  # fmt: skip
+    """Inputs ``{"x", "t", "y"}`` seen by the float model (on ``device``) at ``timesteps`` steps of a sampling run."""
     settings = CalibrationSettings(steps=steps, timesteps=timesteps, samples=samples, seed=seed)
-    batches = record_calibration_inputs(model, settings, pixel_space=pixel_space)
+    batches = record_calibration_inputs(model, settings, device=device, pixel_space=pixel_space)
     return [feed(x, t, y) for x, t, y in batches]
 
 
