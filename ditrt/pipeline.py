@@ -176,7 +176,7 @@ def _run(model_spec, config: PipelineConfig, backend: str, why: str, out_dir: Pa
     report["sizes_bytes"] = {"onnx": sum(_size(p) for p in graphs), "recipe_weights": (out_dir / "recipe" / "weights.safetensors").stat().st_size}
 
     with clock("record_inputs"):
-        feeds = _record_feeds(model, pixel, config, report, echo)
+        feeds = _record_feeds(model, pixel, config, report)
     if backend == "tensorrt":
         build = engine_build_config(config, feed_rows=max(len(f["x"]) for f in feeds))
         echo(f"[3/6] building the TensorRT engine from the checked {dtype} graph (strongly typed) for {build.batch_max} images per call")
@@ -187,7 +187,9 @@ def _run(model_spec, config: PipelineConfig, backend: str, why: str, out_dir: Pa
     else:
         echo(f"[3/6] no TensorRT engine ({why.rstrip('.')}): running the checked graph with ONNX Runtime")
         report["tensorrt"] = {"available": False, "reason": why}
-        ort_device = _onnxruntime_device(config.device)
+        from ditrt.runtime.onnxruntime_backend import onnxruntime_device
+
+        ort_device = onnxruntime_device(config.device)
         if ort_device != config.device:
             echo(f"note: this ONNX Runtime has no CUDA provider (pip install onnxruntime-gpu): the quantized graph runs on the CPU, not {config.device}")
         opened = open_denoiser(graph, device=ort_device)
@@ -361,15 +363,6 @@ def _build(graph: Path, out_dir: Path, config: PipelineConfig, build, files: _Fi
     return artifact
 
 
-def _onnxruntime_device(device: str) -> str:
-    """ONNX Runtime runs on the GPU only with its CUDA provider (onnxruntime-gpu); otherwise on the CPU."""
-    if not str(device).startswith("cuda"):
-        return "cpu"
-    import onnxruntime as ort
-
-    return device if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-
-
 def _sample(denoiser, cfg, config: PipelineConfig, labels, seeds, pixel, batch: int, device: str):
     from ditrt.diffusion.sample_set import generate
     from ditrt.diffusion.sampler import SamplerConfig
@@ -397,14 +390,14 @@ def _pictures(float_images, quant_images, labels, config, recipe, backend, out_d
     files.add(save_png(side_by_side([g_float, g_quant]), out_dir / "comparison.png"))
 
 
-def _record_feeds(model, pixel: bool, config: PipelineConfig, report: dict, echo) -> list:
-    """The comparison inputs (recorded by the float model before the engine is built, which must take them)."""
+def _record_feeds(model, pixel: bool, config: PipelineConfig, report: dict) -> list:
+    """The comparison inputs (recorded by the float model on --device before the engine is built, which must take them)."""
     from ditrt.compare.inputs import record_feeds
 
-    if str(config.device).startswith("cuda"):  # record_feeds samples on the CPU (it takes no device)
-        echo("note: the comparison inputs are recorded by the float model on the CPU (a short 50-step run of 4 images)")
-    report["devices"]["comparison_inputs"] = "cpu"
-    return record_feeds(model.cpu(), pixel_space=pixel)
+    report["devices"]["comparison_inputs"] = config.device
+    feeds = record_feeds(model.to(config.device), pixel_space=pixel, device=config.device)
+    model.cpu()
+    return feeds
 
 
 def _compare(model, simulated, precision: str, opened, feeds: list, device: str, out_dir: Path, files: _Files) -> dict:

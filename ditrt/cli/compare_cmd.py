@@ -155,7 +155,7 @@ def _compare_images(reference, test, cfg, steps: str, images: int, vae_dir: Path
     from ditrt.diffusion.sample_set import default_labels, generate
     from ditrt.diffusion.sampler import SamplerConfig
     from ditrt.quality.metrics import paired_psnr, relative_error
-    from ditrt.runtime.vae import decode_latents
+    from ditrt.runtime.vae import load_vae
 
     cfg_scale = 1.5 if cfg.has_null_class else 1.0
     sampler = SamplerConfig(steps=str(steps), cfg_scale=cfg_scale)
@@ -165,7 +165,8 @@ def _compare_images(reference, test, cfg, steps: str, images: int, vae_dir: Path
         batch = min(images, opened.images_per_call(guided=cfg_scale != 1.0) or images)
         out[name] = generate(opened.denoiser, sampler, labels, seeds, num_classes=cfg.num_classes, device=opened.device, batch_size=batch,
                              image_shape=(cfg.in_channels, cfg.input_size, cfg.input_size), progress=True)  # fmt: skip
-    decoded = {name: decode_latents(z, vae_dir, device=device) for name, z in out.items()}
+    decode = load_vae(vae_dir, device)
+    decoded = {name: decode(z) for name, z in out.items()}
     return {"images": images, "steps": str(steps), "cfg_scale": cfg_scale, "vae": str(vae_dir),
             "psnr_db": paired_psnr(decoded["reference"], decoded["test"]),
             "latent_rel_l2": relative_error(torch.from_numpy(out["reference"]), torch.from_numpy(out["test"]))}  # fmt: skip
