@@ -273,6 +273,9 @@ def evaluate_pair(float_out, quant_out, float_images, quant_images, labels, *, p
         what = "latents" if float_images is None else f"{tuple(np.asarray(float_images).shape[1:])} images"
         reason = f"the built-in evaluator's classifier measures {DIGITS_SHAPE} digits, not {what}"
         out["absent"].update(fd=reason, class_accuracy=reason)
+        if float_images is not None and np.asarray(float_images).shape[1] == 3:
+            out["absent"]["fid"] = ("ImageNet FID needs the Inception file and the ADM reference batch, and thousands of samples: "
+                                    "run `ditrt evaluate quantized/samples.npz --reference-batch REF.npz --inception FILE`")  # fmt: skip
     return out
 
 

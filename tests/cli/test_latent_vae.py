@@ -35,6 +35,7 @@ def test_the_pipeline_decodes_a_latent_models_samples_and_draws_them(tmp_path, t
     report = json.loads(r.stdout)
     assert "comparison.png" in report["files"] and (tmp_path / "p" / "comparison.png").exists()
     assert "psnr_db" in report["quality"], report["quality"]
+    assert report["quality"]["measured_on"] == "decoded images" and "ditrt evaluate" in report["quality"]["absent"]["fid"]
 
 
 def test_the_vae_decodes_any_batching_alike_and_bad_folders_are_one_line_errors(tmp_path, vae_dir):
