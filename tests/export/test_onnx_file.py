@@ -90,3 +90,17 @@ def test_qdq_insertion_frees_the_float_weights_it_replaces(models, recipes):
     gc.collect()
     assert [r for r in params + floats if r() is not None] == []
     assert len(graph.graph.initializers) > len(recipe.layers)  # the graph itself is alive
+
+
+def test_check_of_a_link_or_in_a_read_only_folder_checks_the_whole_file(exported, tmp_path):
+    path = exported("tiny", "w8a8", "fp16")
+    (tmp_path / "link.onnx").symlink_to(path)
+    assert check_onnx(tmp_path / "link.onnx") == []
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "g.onnx").write_bytes(path.read_bytes())
+    ro.chmod(0o555)
+    try:
+        assert check_onnx(ro / "g.onnx") == [] and [p.name for p in ro.iterdir()] == ["g.onnx"]
+    finally:
+        ro.chmod(0o755)
