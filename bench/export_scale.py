@@ -4,8 +4,9 @@ A benchmark, not a test (issue 4, item 6). For each precision it records the wal
 ``export_onnx``, peak resident memory, the file size (graph + external data), the bytes of the
 quantized Linear weights in the file against their float16 size, and what ``check_onnx`` says.
 
-    .venv/bin/python bench/export_scale.py                         # DiT-XL/2, float16 graphs
+    .venv/bin/python bench/export_scale.py                         # DiT-XL/2, float16 graphs, and the CLI cases
     .venv/bin/python bench/export_scale.py --config DiT-S/2        # a quick run
+    .venv/bin/python bench/export_scale.py --precisions "" --cli w8a8:fp16   # one CLI case only
 
 How it measures:
 - Each export runs in its own child process (this script re-run with ``--child``), so memory is
@@ -26,6 +27,12 @@ How it measures:
 - Quantized Linear bytes: the sizes of the ``<layer>.weight_quantized`` (and ``.weight_scale``)
   initializers as stored, against 2 bytes per weight (their float16 size; also read from the float
   graph's initializers when the float export is in the run).
+- The CLI cases (``--cli precision:dtype,...``): the model as ``ditrt export --model CKPT --recipe DIR``
+  holds it. A child writes the same random model as a ditrt checkpoint and each recipe as a recipe
+  folder the way ``ditrt calibrate`` writes one (its ``model.*`` state dict, a full float32 copy of
+  the weights, beside the ``quant.*`` scales); then the real command runs in its own process
+  (``python -m ditrt export ... --json``: load recipe and checkpoint, export, check_onnx) and its
+  whole-life peak RSS is read from ``os.wait4`` (``ru_maxrss`` of that one child).
 """
 
 from __future__ import annotations
@@ -220,7 +227,7 @@ def spawn_child(args, precision: str, result: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", precision, "--result", str(result),
            "--config", args.config, "--dtype", args.dtype, "--block-size", str(args.block_size),
            "--act-batch", str(args.act_batch), "--seed", str(args.seed), "--work", str(args.work),
-           "--threads", str(args.threads or 0)]  # fmt: skip
+           "--threads", str(args.threads or 0), "--cli", args.cli]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, check=False)
     wall = time.perf_counter() - t0
@@ -235,10 +242,94 @@ def spawn_child(args, precision: str, result: Path) -> dict:
     return row
 
 
+# ----------------------------------------------------------------------------- the CLI cases
+def cli_cases(text: str) -> list[tuple[str, str]]:
+    """``"w8a8:fp16,float:fp32"`` -> [("w8a8", "fp16"), ("float", "fp32")]."""
+    cases = []
+    for item in (c.strip() for c in text.split(",") if c.strip()):
+        precision, _, dtype = item.partition(":")
+        if precision not in PRECISIONS or dtype not in ("fp16", "fp32"):
+            sys.exit(f"bad --cli case {item!r}: use precision:dtype with a precision of {', '.join(PRECISIONS)} and fp16 or fp32")
+        cases.append((precision, dtype))
+    return cases
+
+
+def cli_inputs(work: Path, config: str, precision: str) -> tuple[Path, Path | None]:
+    """Where :func:`prepare_cli` writes the checkpoint and the recipe folder (None for float)."""
+    stem = config.replace("/", "_")
+    return work / f"{stem}.safetensors", (None if precision == "float" else work / f"{stem}-{precision}-recipe")
+
+
+def prepare_cli(args) -> dict:
+    """(In a child) the random model as a ditrt checkpoint and one recipe folder per quantized precision
+    in ``args.cli``, each carrying the model's state dict as ``model.*`` as ``ditrt calibrate`` does."""
+    from ditrt.contracts.recipe import save_recipe
+    from ditrt.models.checkpoints import save_ditrt_checkpoint
+
+    model = random_model(args.config, args.seed)
+    ckpt, _ = cli_inputs(args.work, args.config, "float")
+    save_ditrt_checkpoint(model, ckpt)
+    for precision in sorted({p for p, _ in cli_cases(args.cli) if p != "float"}):
+        recipe, tensors = simple_recipe(model, precision, block_size=args.block_size, act_batch=args.act_batch, seed=args.seed)
+        tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
+        save_recipe(recipe, tensors, cli_inputs(args.work, args.config, precision)[1])
+    return {"checkpoint_bytes": ckpt.stat().st_size}
+
+
+def spawn_cli(args, precision: str, dtype: str) -> dict:
+    """``ditrt export`` in its own process; its peak RSS from ``os.wait4``."""
+    ckpt, recipe = cli_inputs(args.work, args.config, precision)
+    out = args.work / f"cli-{args.config.replace('/', '_')}-{precision}-{dtype}.onnx"
+    cmd = [sys.executable, "-m", "ditrt", "export", "--model", str(ckpt), *(["--recipe", str(recipe)] if recipe else []),
+           "--dtype", dtype, "--out", str(out), "--json"]  # fmt: skip
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    log = args.work / f"cli-{precision}-{dtype}.json"
+    t0 = time.perf_counter()
+    with open(log, "w") as stdout:
+        proc = subprocess.Popen(cmd, stdout=stdout, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    row = {"path": "cli", "precision": precision, "dtype": dtype, "config": args.config, "onnx": str(out),
+           "command": " ".join(["ditrt", *cmd[3:]]), "child_wall_s": wall}  # fmt: skip
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        return {**row, "error": f"ditrt export exited with {code} (killed for memory if -9)"}
+    result = json.loads(log.read_text())
+    graph_b, data_b = procstat.onnx_file_bytes(out)
+    inputs = ckpt.stat().st_size + (sum(f.stat().st_size for f in recipe.iterdir()) if recipe else 0)
+    return {**row, "peak_rss_mib": usage.ru_maxrss / 1024, "export_s": result["seconds"],
+            "graph_bytes": graph_b, "external_data_bytes": data_b, "file_bytes": graph_b + data_b, "input_bytes": inputs,
+            "check_violations": [v["message"] for g in result["graphs"] for v in g["violations"]]}  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------ reporting
+def cli_table(rows: list[dict], meta: dict) -> str:
+    head = "| ditrt export | peak RSS (MiB) | file MiB (graph + data) | checkpoint + recipe MiB on disk | wall s | export s | check_onnx |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        what = f"{r['precision']} ({r['dtype']})"
+        if "error" in r:
+            lines.append(f"| {what} | {r['error']} |" + " |" * (head.count("|") - 3))
+            continue
+        files = f"{r['file_bytes'] / MIB:,.0f} ({r['graph_bytes'] / MIB:,.0f} + {r['external_data_bytes'] / MIB:,.0f})"
+        check = "pass" if not r["check_violations"] else f"{len(r['check_violations'])} violations"
+        lines.append(f"| {what} | {r['peak_rss_mib']:,.0f} | {files} | {r['input_bytes'] / MIB:,.0f} | "
+                     f"{r['child_wall_s']:.1f} | {r['export_s']:.1f} | {check} |")  # fmt: skip
+    notes = [
+        "The CLI process's whole-life peak (ru_maxrss from os.wait4): loading the recipe folder and the checkpoint, "
+        "export_model and check_onnx, as `ditrt export --model CKPT --recipe DIR --dtype D --out F --json` runs them.",
+        "Each recipe folder holds the model's float32 state dict (model.*) beside its scales, as `ditrt calibrate` writes it, "
+        "so the command holds two float32 copies of the weights before it exports.",
+        f"Machine: {meta['machine']}; torch {meta['torch']}, onnx {meta['onnx']}, ditrt {meta['ditrt']}.",
+    ]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
 def table(rows: list[dict], meta: dict) -> str:
+    if not rows:
+        return ""
     head = (
-        "| precision | export s | RSS before export (MiB) | peak RSS in export (MiB) | child peak RSS (MiB) "
+        "| precision | export s | RSS before export (MiB) | peak RSS in export (MiB) | peak RSS in check (MiB) | child peak RSS (MiB) "
         "| file MiB (graph + data) | quantized Linear weights MiB | vs their fp16 size | with scales | check_onnx | check s |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -251,7 +342,7 @@ def table(rows: list[dict], meta: dict) -> str:
         check = "pass" if not r["check_violations"] else f"{len(r['check_violations'])} violations"
         lines.append(
             f"| {r['precision']} ({r['dtype']}) | {r['export_s']:.1f} | {r['rss_before_export_mib']:,.0f} | "
-            f"{r['export_peak_rss_mib']:,.0f} | {r['lifetime_peak_rss_mib']:,.0f} | {files} | "
+            f"{r['export_peak_rss_mib']:,.0f} | {r['check_peak_rss_mib']:,.0f} | {r['lifetime_peak_rss_mib']:,.0f} | {files} | "
             f"{r['linear_weight_bytes'] / MIB:,.1f} | {r['linear_weight_bytes'] / fp16:.3f} | "
             f"{(r['linear_weight_bytes'] + r['linear_scale_bytes']) / fp16:.3f} | {check} | {r['check_s']:.1f} |"
         )
@@ -291,6 +382,8 @@ def parse_args(argv=None):
     p.add_argument("--config", default="DiT-XL/2", help="model config from ditrt.models.dit.CONFIGS (DiT-S/2 for a quick run)")
     p.add_argument("--precisions", default=",".join(PRECISIONS), help=f"comma-separated subset of {','.join(PRECISIONS)}")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"), help="float type of the exported graph")
+    p.add_argument("--cli", default="w8a8:fp16,float:fp16,w8a8:fp32,float:fp32",
+                   help="precision:dtype cases run through `ditrt export` from files (empty: none)")  # fmt: skip
     p.add_argument("--block-size", type=int, default=64, help="INT4 block along the input dimension (64 or 128)")
     p.add_argument("--act-batch", type=int, default=2, help="batch of the one forward pass that sets the W8A8 input scales")
     p.add_argument("--seed", type=int, default=0)
@@ -307,7 +400,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
-        row = run_child(args)
+        row = prepare_cli(args) if args.child == "prepare" else run_child(args)
         args.result.write_text(json.dumps(row, indent=2))
         return 0
     import onnx
@@ -322,6 +415,7 @@ def main(argv=None) -> int:
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         sys.exit(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
+    cases = cli_cases(args.cli)
     own_work = args.work is None
     args.work = Path(tempfile.mkdtemp(prefix="ditrt-export-scale-")) if own_work else args.work
     args.work.mkdir(parents=True, exist_ok=True)
@@ -331,7 +425,7 @@ def main(argv=None) -> int:
                    f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / (1 << 30):.0f} GiB RAM",
         "torch": torch.__version__, "onnx": onnx.__version__, "ditrt": __version__, "python": platform.python_version(),
     }  # fmt: skip
-    rows = []
+    rows, cli_rows = [], []
     try:
         for precision in precisions:
             print(f"exporting {args.config} {precision} ({args.dtype}) in a child process ...", flush=True)
@@ -345,12 +439,32 @@ def main(argv=None) -> int:
             if not args.keep:
                 for f in (Path(row["onnx"]), Path(row["onnx"] + ".data")):
                     f.unlink(missing_ok=True)
+        if cases:
+            print(f"writing {args.config} as a checkpoint and recipe folders for the CLI cases ...", flush=True)
+            prepared = spawn_child(args, "prepare", args.work / "prepare.json")
+            if "error" in prepared:
+                sys.exit(f"preparing the CLI inputs failed: {prepared['error']}")
+        for precision, dtype in cases:
+            print(f"ditrt export {args.config} {precision} ({dtype}) ...", flush=True)
+            row = spawn_cli(args, precision, dtype)
+            cli_rows.append(row)
+            if "error" in row:
+                print(f"  failed: {row['error']}", flush=True)
+                continue
+            print(f"  peak {row['peak_rss_mib']:,.0f} MiB for a {row['file_bytes'] / MIB:,.0f} MiB graph "
+                  f"({row['child_wall_s']:.1f} s), check: {len(row['check_violations'])} violations", flush=True)  # fmt: skip
+            if not args.keep:
+                for f in (Path(row["onnx"]), Path(row["onnx"] + ".data")):
+                    f.unlink(missing_ok=True)
     finally:
         if own_work and not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)
     text = table(rows, meta)
-    procstat.write_results(args.out, args.name, {"meta": meta, "rows": rows}, f"Export at scale: {args.config}, {args.dtype} graphs", text)
-    return 1 if any("error" in r or r.get("check_violations") for r in rows) else 0
+    if cli_rows:
+        text += ("\n" if text else "") + f"## The model as `ditrt export` holds it ({args.config})\n\n" + cli_table(cli_rows, meta)
+    payload = {"meta": meta, "rows": rows, "cli_rows": cli_rows}
+    procstat.write_results(args.out, args.name, payload, f"Export at scale: {args.config}, {args.dtype} graphs", text)
+    return 1 if any("error" in r or r.get("check_violations") for r in rows + cli_rows) else 0
 
 
 if __name__ == "__main__":
