@@ -206,7 +206,8 @@ def load_state_dict_into(model: DiT, sd: dict[str, torch.Tensor], source: str) -
         if unexpected:
             parts.append("unexpected: " + ", ".join(unexpected[:3]))
         raise CheckpointError(f"{source} does not match DiT {_describe(model.config)} ({'; '.join(parts)}); check --config or the file")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+    on_meta = any(t.is_meta for t in own.values())  # built without storage (model_from_state_dict): the tensors become its weights
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, assign=on_meta)
     return model
 
 
@@ -271,7 +272,9 @@ def model_from_state_dict(cfg: DiTConfig, sd: dict[str, torch.Tensor], source, *
             if any(k != key and k in sd and sd[k].shape != v.shape for k, v in model.state_dict().items()):
                 load_state_dict_into(model, sd, str(source))
             raise
-    return load_state_dict_into(DiT(cfg), sd, str(source)).eval()
+    with torch.device("meta"):  # no randomly initialised second copy of the weights (DiT-XL/2: 2.7 GB)
+        model = DiT(cfg)
+    return load_state_dict_into(model, sd, str(source)).eval()
 
 
 def _override(cfg: DiTConfig | None, num_classes: int | None, num_heads: int | None) -> DiTConfig | None:
