@@ -17,11 +17,14 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from ditrt.contracts.errors import ConfigError
+
+# torch is imported where it is used: World and the chunk plan are read by torch-free modules
+# (the method registry that the CLI loads at start-up), which must not pay torch's import.
+if TYPE_CHECKING:
+    import torch
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -62,6 +65,8 @@ def launched() -> bool:
 
 def current() -> World:
     """The world of the joined process group, or :data:`SINGLE` when there is none."""
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()):
         return SINGLE
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_backend())
@@ -73,6 +78,9 @@ def process_group(device: str = "cpu"):
 
     Without torchrun's variables nothing is initialised and the world is :data:`SINGLE`. A group that is
     already initialised (a caller's) is used and left alone."""
+    import torch
+    import torch.distributed as dist
+
     if not launched():
         yield SINGLE
         return
@@ -119,12 +127,16 @@ def map_items(fn, items, world: World) -> list:
 
 
 def barrier(world: World) -> None:
+    import torch.distributed as dist
+
     if world.distributed:
         dist.barrier()
 
 
 def all_gather_objects(obj, world: World) -> list:
     """Every rank's ``obj`` (picklable; used for small, trusted in-process data only), in rank order."""
+    import torch.distributed as dist
+
     if not world.distributed:
         return [obj]
     out = [None] * world.size
@@ -134,6 +146,8 @@ def all_gather_objects(obj, world: World) -> list:
 
 def broadcast_object(obj, world: World, src: int = 0):
     """Rank ``src``'s ``obj`` on every rank."""
+    import torch.distributed as dist
+
     if not world.distributed:
         return obj
     box = [obj if world.rank == src else None]
@@ -143,6 +157,8 @@ def broadcast_object(obj, world: World, src: int = 0):
 
 def all_reduce_max(tensor: torch.Tensor, world: World) -> torch.Tensor:
     """The elementwise maximum of ``tensor`` over ranks (in place; exact, so order does not matter)."""
+    import torch.distributed as dist
+
     if world.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
@@ -151,6 +167,8 @@ def all_reduce_max(tensor: torch.Tensor, world: World) -> torch.Tensor:
 def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     """The sum of ``tensor`` over ranks (in place). Float sums depend on the order: use it for counts, or
     in float64 where the result is compared loosely; gather and add in index order where it must be exact."""
+    import torch.distributed as dist
+
     if world.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor

@@ -121,3 +121,11 @@ def test_the_deployment_path_loads_no_authoring_module(module):
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
     assert out == "", f"importing {module} loads {out}"
+
+
+def test_the_cli_starts_without_importing_torch():
+    """`ditrt --help` and Ctrl-C handling come before torch's seconds of import: the CLI, the option
+    definitions and the registries they read (precisions, methods, the torchrun World) are torch-free."""
+    code = "import sys, ditrt.cli; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", r.stdout
