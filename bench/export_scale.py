@@ -325,6 +325,12 @@ def cli_table(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
+def remove_graph(onnx: str) -> None:
+    """Delete a measured graph and its external data (the next export needs the disk)."""
+    for f in (Path(onnx), Path(onnx + ".data")):
+        f.unlink(missing_ok=True)
+
+
 def table(rows: list[dict], meta: dict) -> str:
     if not rows:
         return ""
@@ -437,8 +443,7 @@ def main(argv=None) -> int:
             print(f"  {row['export_s']:.1f} s, peak {row['export_peak_rss_mib']:,.0f} MiB, "
                   f"{row['file_bytes'] / MIB:,.0f} MiB, check: {len(row['check_violations'])} violations", flush=True)  # fmt: skip
             if not args.keep:
-                for f in (Path(row["onnx"]), Path(row["onnx"] + ".data")):
-                    f.unlink(missing_ok=True)
+                remove_graph(row["onnx"])
         if cases:
             print(f"writing {args.config} as a checkpoint and recipe folders for the CLI cases ...", flush=True)
             prepared = spawn_child(args, "prepare", args.work / "prepare.json")
@@ -454,8 +459,7 @@ def main(argv=None) -> int:
             print(f"  peak {row['peak_rss_mib']:,.0f} MiB for a {row['file_bytes'] / MIB:,.0f} MiB graph "
                   f"({row['child_wall_s']:.1f} s), check: {len(row['check_violations'])} violations", flush=True)  # fmt: skip
             if not args.keep:
-                for f in (Path(row["onnx"]), Path(row["onnx"] + ".data")):
-                    f.unlink(missing_ok=True)
+                remove_graph(row["onnx"])
     finally:
         if own_work and not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)

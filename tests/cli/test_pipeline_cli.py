@@ -13,17 +13,8 @@ from click.testing import CliRunner
 
 from ditrt.cli import main
 from ditrt.engines.build import tensorrt_available
-from ditrt.models.checkpoints import save_ditrt_checkpoint
-from tests.conftest import TINY, random_dit
 
 FAST = ["--steps", "5", "--num", "2", "--calib-timesteps", "2", "--calib-samples", "2", "--calib-steps", "10", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    p = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_ditrt_checkpoint(random_dit(TINY), p)
-    return p
 
 
 @pytest.fixture(scope="module")
