@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -44,3 +48,11 @@ def tiny_artifacts(tmp_path_factory):
     recipe, tensors = absmax_recipe(model, "w8a8")
     save_recipe(recipe, tensors, root / "recipe")
     return {"model": model, "root": root, "ckpt": root / "m.safetensors", "recipe": root / "recipe", "onnx": export_onnx(model, root / "m.onnx")}
+
+
+def run_torchrun(nproc: int, *ditrt_args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N -m ditrt ARGS`` (a free local rendezvous; gloo on the CPU), one
+    thread per process, with no torchrun variables inherited from the test process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "ditrt", *map(str, ditrt_args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**env, "OMP_NUM_THREADS": "1"})

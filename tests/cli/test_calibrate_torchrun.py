@@ -3,10 +3,6 @@ recipe a single process writes, recipe.json and every tensor, while the ranks sh
 (chunks of samples), the observation passes (row slices) and the per-layer searches."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,15 +10,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from ditrt.cli import main
+from tests.conftest import run_torchrun
 
 # 12 samples: recording chunks of 8 and 4 (one per rank); 24 rows a step: observation slices of 16 and 8
 FAST = ["--calib-steps", "50", "--calib-timesteps", "3", "--calib-samples", "12", "--precision", "w8a8", "--device", "cpu"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("method", ["ptq4dit", "ditas"])
@@ -30,10 +21,7 @@ def test_two_ranks_write_the_single_process_recipe(tiny_ckpt, tmp_path, method):
     args = ["calibrate", "--model", str(tiny_ckpt), "--method", method, *FAST]
     single = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "one")])
     assert single.exit_code == 0, single.output
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(_free_port())]
-    r = subprocess.run([*torchrun, "-m", "ditrt", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True,
-                       text=True, timeout=300)  # fmt: skip
+    r = run_torchrun(2, *args, "--out", tmp_path / "two")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("wrote ") == 1 and "on 2 processes" in r.stdout, r.stdout  # rank 0 alone writes and says so
     assert json.loads((tmp_path / "two" / "recipe.json").read_text()) == json.loads((tmp_path / "one" / "recipe.json").read_text())

@@ -3,11 +3,6 @@ tiny random stand-in with the call of inception-2015-12-05.pt), against an ADM r
 the numbers equal direct computations, 2 torchrun processes give those of one, bad input is one line."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +11,7 @@ from scipy import linalg
 
 from ditrt.cli import main
 from ditrt.diffusion.sample_set import SampleSet, adm_uint8
+from tests.conftest import run_torchrun
 from tests.quality.standin_inception import adm_precision_recall, save_standin, standin_outputs
 
 WIDTH = 8  # the stand-in's varying features
@@ -143,16 +139,10 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, net, sets):
     assert not (tmp_path / "q.json").exists() and not (tmp_path / "none.npz").exists()
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="torchrun is not installed")
 def test_two_torchrun_processes_give_the_numbers_of_one(tmp_path, net, sets):
     args = [sets["samples"], "--reference-batch", sets["ref"], "--inception", net, "--batch-size", "1", "--device", "cpu"]
     one = _json(_run(*args, "--json", "--reference-stats", tmp_path / "one.npz"))
-    torchrun = Path(sys.executable).parent / "torchrun"
-    p = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "ditrt", "evaluate", *map(str, args), "--json",
-         "--reference-stats", str(tmp_path / "two.npz"), "--save", str(tmp_path / "two.json")],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    p = run_torchrun(2, "evaluate", *args, "--json", "--reference-stats", tmp_path / "two.npz", "--save", tmp_path / "two.json", timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     two = json.loads(p.stdout)  # only the main rank prints
     assert json.loads((tmp_path / "two.json").read_text()) == two

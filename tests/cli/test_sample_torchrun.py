@@ -5,32 +5,22 @@ options that cannot work are refused in one line before sampling."""
 
 import json
 import os
-import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from ditrt.cli import main
+from tests.conftest import run_torchrun
 
 
 def run(*args):
     return CliRunner().invoke(main, ["sample", *map(str, args)], catch_exceptions=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "ditrt", "sample", *map(str, args)]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**env, "OMP_NUM_THREADS": "1"})
+    return run_torchrun(nproc, "sample", *args, timeout=180)
 
 
 def _arrays(path):
