@@ -109,18 +109,10 @@ def environment(args) -> dict:
 
 
 def random_model(config: str, seed: int = 0):
-    """A random DiT of the official layout, every parameter non-degenerate (adaLN-Zero layers randomised too)."""
-    import torch
+    """The export bench's random DiT of the official layout (every all-zero adaLN-Zero parameter refilled)."""
+    from export_scale import random_model as bench_model  # bench/export_scale.py
 
-    from ditrt.contracts.model_config import CONFIGS
-    from ditrt.models.dit import DiT
-
-    torch.manual_seed(seed)
-    model = DiT(CONFIGS[config])
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    return model.eval()
+    return bench_model(config, seed)
 
 
 class State:
