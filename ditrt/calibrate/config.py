@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from ditrt.calibrate.methods import REGISTRY, get_method
 from ditrt.contracts.errors import ConfigError
 from ditrt.contracts.precisions import INT4_BLOCK_SIZES, get_precision
-from ditrt.contracts.recipe import SEARCHES, CalibrationSettings
+from ditrt.contracts.recipe import SEARCHES, WEIGHT_ROUNDINGS, CalibrationSettings
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,10 @@ class CalibrateConfig:
     dynamic_activations: bool = False  # per-sample activation scales at run time (simulation only)
     reconstruct: bool = False  # BRECQ/AdaRound block reconstruction after the scales
     reconstruct_iters: int | None = None  # per block; None: ReconstructSettings' default
+    weights: str = "rtn"  # weight rounding (WEIGHT_ROUNDINGS): round to nearest, or GPTQ's error compensation
+    smooth_fc2: bool = False  # balancing methods also smooth fc2, by a run-time per-channel Mul on the GELU output
+    min_psnr: float | None = None  # leave the most sensitive layers in float until the paired probe reaches this PSNR
+    max_float_layers: int | None = None  # at most this many layers left in float (alone: exactly the N most sensitive)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
 
     def __post_init__(self):
@@ -56,6 +60,12 @@ class CalibrateConfig:
         if not p.quantizes_activations and (self.timestep_groups > 1 or self.dynamic_activations):
             what = "timestep groups" if self.timestep_groups > 1 else "dynamic activations"
             raise ConfigError(f"{what} set activation scales, but {p.name} does not quantize activations; drop the option or use a precision that does")
+        if self.weights not in WEIGHT_ROUNDINGS:
+            raise ConfigError(f"weight rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, got {self.weights!r}")
+        if self.min_psnr is not None and not (0 < self.min_psnr < 200):
+            raise ConfigError(f"--min-psnr is a paired PSNR in dB and must lie in (0, 200), got {self.min_psnr}")
+        if self.max_float_layers is not None and self.max_float_layers < 0:
+            raise ConfigError(f"--max-float-layers must be 0 or more, got {self.max_float_layers}")
         if self.reconstruct_iters is not None and (not self.reconstruct or self.reconstruct_iters < 1):
             raise ConfigError(f"reconstruct iterations ({self.reconstruct_iters}) need reconstruction on and a positive count")
 

@@ -35,7 +35,11 @@ RECIPE_FORMAT = "ditrt-recipe"
 METHODS = ("minmax", "smoothquant", "ptq4dit", "ditas", "qdit")
 #: The scale searches a recipe may record (``scale_search`` of its weights, ``act_scale_search`` of its
 #: activations); each is implemented in :mod:`ditrt.calibrate.scale_search`.
-SEARCHES = ("minmax", "percentile", "mse")
+SEARCHES = ("minmax", "percentile", "mse", "output")
+#: How a recipe's weights are rounded onto their grid (``weight_rounding``): "rtn" round to nearest at
+#: export time; "gptq" GPTQ's Hessian-compensated rounding (:mod:`ditrt.calibrate.gptq`), written back on
+#: the grid so that round to nearest reproduces it. Block reconstruction is the separate ``reconstructed`` flag.
+WEIGHT_ROUNDINGS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,9 @@ class Recipe:
     timestep_group_edges: tuple[float, ...] = ()  # K-1 timesteps splitting [0, 1000) into K activation-scale groups
     dynamic_activations: bool = False  # per-sample scales computed at run time: simulation only
     reconstructed: bool = False  # weights rounded and activation scales learned by block reconstruction
+    weight_rounding: str = "rtn"  # WEIGHT_ROUNDINGS
+    float_layers: dict = field(default_factory=dict)  # layer -> its sensitivity record: left in float (not in ``layers``)
+    runtime_smoothed: tuple[str, ...] = ()  # layers whose input is divided per channel at run time (quant.L.input_divisor)
     details: dict = field(default_factory=dict)  # method-specific record (alphas, search history, reconstruction errors)
     notes: tuple[str, ...] = ()
     ditrt_version: str = __version__
@@ -109,7 +116,7 @@ class Recipe:
             raise ArtifactError("not a ditrt recipe.json (format field missing); create one with `ditrt calibrate`")
         d.pop("deployable", None)
         d["calibration"] = CalibrationSettings(**d.get("calibration", {}))
-        for k in ("layers", "balanced_layers", "notes", "timestep_group_edges"):
+        for k in ("layers", "balanced_layers", "notes", "timestep_group_edges", "runtime_smoothed"):
             d[k] = tuple(d.get(k, ()))
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         recipe = cls(**known)
@@ -125,6 +132,13 @@ class Recipe:
             raise ArtifactError(f"recipe.json: {e}; {fix}") from None
         if self.method not in METHODS:
             raise ArtifactError(f"recipe.json names the unknown method {self.method!r} (known: {', '.join(METHODS)}); {fix}")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ArtifactError(f"recipe.json names the unknown weight rounding {self.weight_rounding!r} (known: {', '.join(WEIGHT_ROUNDINGS)}); {fix}")
+        both = set(self.layers) & set(self.float_layers)
+        if both:
+            raise ArtifactError(f"recipe.json lists {sorted(both)[0]} both as quantized and as left in float; {fix}")
+        if not set(self.runtime_smoothed) <= set(self.layers):
+            raise ArtifactError(f"recipe.json smooths layers at run time that it does not quantize; {fix}")
         if (self.weight_bits, self.act_bits) != (p.weight_bits, p.act_bits):
             raise ArtifactError(
                 f"recipe.json says w{self.weight_bits}/a{self.act_bits} bits, but {p.name} is w{p.weight_bits}/a{p.act_bits}; {fix}"
