@@ -8,6 +8,12 @@ Two activation options beyond one static scale: K timestep groups (``input_scale
 ``(K,)``; the model's forward pre-hook picks the group from ``t``, as the runtime picks one graph
 per group), and dynamic per-sample scales (Q-DiT's setting; simulation only, no Q/DQ form).
 
+A layer smoothed at run time (:attr:`ditrt.contracts.recipe.Recipe.runtime_smoothed`, fc2 whose
+input, the GELU output, has no fold partner) also holds ``input_divisor`` d (C,): its input is
+multiplied by ``1 / d`` (:func:`input_reciprocal`, in the input's dtype) before the input fake-quant,
+and its recipe weight already has its columns multiplied by d. The float computation of such a recipe
+is therefore the recipe's ``model.*`` weights *plus* that multiply (:func:`folded_float_model`).
+
 Every scale and zero point is a buffer, so ``.to(device)`` moves the whole quantizer. The group is
 found where ``t`` lives: on the CPU as one host index (a batch mixing groups is refused, as the
 runtime's graphs refuse it), on a GPU as a per-row index tensor computed there, so that a sampler on
@@ -46,6 +52,13 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_zero_point", None)
         self.register_buffer("input_scale", None)  # () per tensor, or (K,) one per timestep group
         self.register_buffer("input_zero_point", None)
+        self.register_buffer("input_divisor", None)  # (C,) run-time smoothing: the input is multiplied by 1 / d
+
+    def set_input_divisor(self, divisor: torch.Tensor | None) -> QuantLinear:
+        """Smooth the input at run time by ``divisor`` d (in_features,) (None: no smoothing); the weight
+        must already hold ``W * d`` (columns), as the recipe stores it."""
+        self.input_divisor = None if divisor is None else _checked_divisor(divisor, self.in_features, "input_divisor")
+        return self
 
     def set_scales(self, weight_scale, weight_zero_point=None, input_scale=None, input_zero_point=None) -> QuantLinear:
         self.weight_scale = weight_scale.float()
@@ -58,6 +71,8 @@ class QuantLinear(nn.Module):
         return fake_quant_weight(self.weight, self.weight_scale, self.weight_zero_point, self.weight_bits, self.symmetric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_divisor is not None:  # the exported graph's Mul, in the input's dtype, before its QuantizeLinear
+            x = x * input_reciprocal(self.input_divisor).to(x.dtype)
         if self.act_bits is not None and self.dynamic:
             x = fake_quant(x, dynamic_scale(x, self.act_bits), None, self.act_bits, True)
         elif self.act_bits is not None and self.input_scale is not None:
@@ -77,7 +92,60 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         a = f"a{self.act_bits}" if self.act_bits else "a16"
-        return f"{self.in_features} -> {self.out_features}, w{self.weight_bits}{a}, {'sym' if self.symmetric else 'asym'}"
+        smoothed = ", input / d" if self.input_divisor is not None else ""
+        return f"{self.in_features} -> {self.out_features}, w{self.weight_bits}{a}, {'sym' if self.symmetric else 'asym'}{smoothed}"
+
+
+# ---------------------------------------------------------------------------- run-time smoothing
+def input_reciprocal(divisor: torch.Tensor) -> torch.Tensor:
+    """The multiplier ``1 / d`` (C,) float32 of a run-time input divisor ``d``: the one computation that the
+    calibration's working model, the simulation and the exported Mul all multiply by (bit for bit)."""
+    return torch.reciprocal(divisor.detach().float())
+
+
+def _checked_divisor(divisor: torch.Tensor, channels: int, what: str) -> torch.Tensor:
+    d = divisor.detach().float()
+    if tuple(d.shape) != (channels,) or not bool((torch.isfinite(d) & (d > 0)).all()):
+        raise ArtifactError(f"{what} must be {channels} finite positive factors, got shape {tuple(d.shape)}; re-run `ditrt calibrate`")
+    return d
+
+
+class InputDivisor:
+    """Forward pre-hook of a float Linear smoothed at run time: its input times ``1 / d``
+    (:func:`input_reciprocal`), in the input's dtype. A hook, not a buffer, so the module's state dict (a
+    recipe's ``model.*``) keeps the checkpoint's keys; ``copy.deepcopy`` of the model copies it."""
+
+    def __init__(self, divisor: torch.Tensor):
+        self.reciprocal = input_reciprocal(divisor)
+
+    def __call__(self, module: nn.Module, args: tuple):
+        x = args[0]
+        if self.reciprocal.device != x.device:
+            self.reciprocal = self.reciprocal.to(x.device)
+        return (x * self.reciprocal.to(x.dtype), *args[1:])
+
+
+def divide_input(linear: nn.Linear, divisor: torch.Tensor) -> None:
+    """Install the run-time divide of ``linear``'s input by ``divisor`` d (C,) (an :class:`InputDivisor`
+    pre-hook, run before any hook registered after it). The caller scales the weight columns by d."""
+    if any(isinstance(h, InputDivisor) for h in linear._forward_pre_hooks.values()):
+        raise ArtifactError("this Linear already divides its input at run time; smooth each layer once")
+    linear.register_forward_pre_hook(InputDivisor(_checked_divisor(divisor, linear.in_features, "input divisor")))
+
+
+def runtime_divisors(tensors: dict, recipe: Recipe | None = None) -> dict[str, torch.Tensor]:
+    """Layer -> its run-time input divisor d (C,) from a recipe's ``quant.<layer>.input_divisor`` tensors.
+
+    With ``recipe``: refuse tensors that disagree with :attr:`Recipe.runtime_smoothed` (a divisor of a
+    layer the recipe does not smooth, or a smoothed layer without one), which would silently compute
+    another model."""
+    found = {k[len("quant.") : -len(".input_divisor")]: v for k, v in tensors.items()
+             if k.startswith("quant.") and k.endswith(".input_divisor")}  # fmt: skip
+    if recipe is not None and set(found) != set(recipe.runtime_smoothed):
+        odd = sorted(set(found) ^ set(recipe.runtime_smoothed))[0]
+        raise ArtifactError(f"recipe.json and weights.safetensors disagree on whether {odd} is smoothed at run time "
+                            "(quant.<layer>.input_divisor); re-run `ditrt calibrate`")  # fmt: skip
+    return found
 
 
 def dynamic_scale(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -118,12 +186,27 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
+def folded_float_model(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` with a recipe's folded float weights (``model.*``, if any) and its run-time
+    input divisors (:class:`InputDivisor` hooks): the float computation the recipe quantizes, which
+    computes what the original model computes up to float rounding."""
+    m = copy.deepcopy(model).eval()
+    folded = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    if folded:
+        m.load_state_dict(folded)
+    for name, d in runtime_divisors(tensors).items():
+        divide_input(m.get_submodule(name), d)
+    return m
+
+
 def quantized_model(model: nn.Module, recipe: Recipe, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``model`` with the recipe's folded weights and its layers simulated-quantized."""
+    """A copy of ``model`` with the recipe's folded weights and its layers simulated-quantized (a layer
+    smoothed at run time with its ``input_divisor``)."""
     q = copy.deepcopy(model).eval()
     folded = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     if folded:
         q.load_state_dict(folded)
+    divisors = runtime_divisors(tensors, recipe)
     for name in recipe.layers:
         lin = get_module(q, name)
         if not isinstance(lin, nn.Linear):
@@ -136,6 +219,7 @@ def quantized_model(model: nn.Module, recipe: Recipe, tensors: dict[str, torch.T
         ql.set_scales(
             tensors[p + "weight_scale"], tensors.get(p + "weight_zero_point"), tensors.get(p + "input_scale"), tensors.get(p + "input_zero_point")
         )
+        ql.set_input_divisor(divisors.get(name))
         set_module(q, name, ql)
     if recipe.timestep_group_edges and recipe.act_bits is not None:
         q.timestep_group_edges = tuple(recipe.timestep_group_edges)
