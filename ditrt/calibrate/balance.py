@@ -6,7 +6,10 @@ Observe -> compute -> apply, split as in ModelOpt's smoothing:
 - *compute*: pure tensor functions giving the factors ``d`` (:func:`csb_factors`,
   :func:`smoothquant_factors`, SSC's :func:`ssc_salience`);
 - *apply*: fold ``d`` into the float weights so the block computes exactly what it computed before
-  (:func:`fold_into_adaln`, :func:`fold_into_v`); nothing is divided at run time.
+  (:func:`fold_into_adaln`, :func:`fold_into_v`); nothing is divided at run time, except for the
+  layers of :data:`RUNTIME_SMOOTHED` when asked (:func:`smooth_at_run_time`): ``mlp.fc2``, whose
+  input is the GELU output, has no linear producer to fold into, so its divisor stays a per-channel
+  multiply by ``1 / d`` on the GELU output at run time and only its weight columns absorb ``d``.
 
 Convention throughout: activation channel j is *divided* by ``d_j`` and weight column j is
 *multiplied* by ``d_j``, so ``(X / d) (W * d)^T == X W^T``.
@@ -25,6 +28,7 @@ import torch
 from torch import nn
 
 from ditrt.contracts.errors import ConfigError, InputError
+from ditrt.models.quantized import divide_input
 
 #: adaLN output chunks of a DiTBlock, in order.
 ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
@@ -234,3 +238,26 @@ def apply_balance(model: nn.Module, factors: dict[str, torch.Tensor]) -> None:
             fold_into_v(block, d)
         else:
             fold_into_adaln(block, BALANCED[layer], d)
+
+
+#: Linears of a DiT block that can only be smoothed at run time: fc2's input is GELU(fc1(.)), and the GELU
+#: between them means no weight upstream can absorb a per-channel divisor.
+RUNTIME_SMOOTHED = ("mlp.fc2",)
+
+
+def runtime_smoothable(layers) -> list[str]:
+    """The block Linears among ``layers`` that :func:`smooth_at_run_time` can smooth (every ``blocks.<i>.mlp.fc2``)."""
+    return [n for n in layers if n.startswith("blocks.") and n.split(".", 2)[-1] in RUNTIME_SMOOTHED]
+
+
+def smooth_at_run_time(model: nn.Module, divisors: dict[str, torch.Tensor]) -> None:
+    """Apply run-time smoothing ``{"blocks.<i>.mlp.fc2": d (C,)}``: ``W[:, j] *= d_j`` in the weights, and a
+    forward pre-hook (:func:`ditrt.models.quantized.divide_input`) that multiplies the layer's input by
+    ``1 / d``, the same float32 reciprocal the simulation and the exported Mul use. Every later pass over
+    ``model`` (observation, scale searches, GPTQ) then sees the smoothed input ``x / d``, and the model
+    computes what it computed before up to float rounding. The divisor is *not* part of the state dict:
+    a recipe records it as ``quant.<layer>.input_divisor``."""
+    for name, d in divisors.items():
+        linear = model.get_submodule(name)
+        scale_input_columns(linear, d)
+        divide_input(linear, d)

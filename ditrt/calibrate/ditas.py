@@ -8,7 +8,9 @@ salience ``a_j`` is the largest |x_j| over *all* timesteps, tokens and samples o
 minimise the quantized layer's output error on recorded inputs.
 
 Same convention as :mod:`ditrt.calibrate.balance`: the input is divided by ``d`` and the weight
-columns multiplied by it; ``balance.apply_balance`` folds ``d`` into adaLN or the V rows. Unlike the
+columns multiplied by it; ``balance.apply_balance`` folds ``d`` into adaLN or the V rows, and a block's
+fc2 (searched the same way when it is smoothed at run time) keeps ``d`` as a run-time multiply
+(``balance.smooth_at_run_time``). Unlike the
 released code (which quantizes W before smoothing and so leaves the stored weight off the grid),
 the weight is quantized *after* smoothing, as the exported model will be.
 """

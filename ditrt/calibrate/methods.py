@@ -5,7 +5,9 @@ A method is a :class:`Method` with
 - ``settings``: its frozen settings dataclass (its defaults are the method's defaults);
 - ``default_search``: the scale search weights and activations use unless the config says otherwise;
 - :meth:`Method.balance`: compute balancing factors from observed statistics and fold them into the
-  working model (returns a :class:`Balanced`, or None when the method does not balance here);
+  working model (returns a :class:`Balanced`, or None when the method does not balance here); with
+  ``config.smooth_fc2`` the balancing methods also smooth every block's fc2 with the same formula, at
+  run time (:func:`ditrt.calibrate.balance.smooth_at_run_time`: fc2's input has no fold partner);
 - :meth:`Method.block_sizes`: a per-layer INT4 block choice (None: the configured block everywhere);
 - :meth:`Method.notes`: what the recipe should say about this method at this precision.
 
@@ -125,10 +127,16 @@ class Step:
 
 @dataclass(frozen=True)
 class Balanced:
-    """What balancing did: the folded layers and a :class:`ditrt.calibrate.balance.BalanceReport` each."""
+    """What balancing did: the folded ``layers``, a :class:`ditrt.calibrate.balance.BalanceReport` for each
+    balanced layer (folded or smoothed at run time), and ``runtime_divisors``: ``{"blocks.<i>.mlp.fc2": d (C,)}``
+    (CPU float32) of the layers smoothed at run time (``config.smooth_fc2``). Those layers' weights in the
+    working model hold ``W * d`` and their input is multiplied by ``1 / d`` by a pre-hook, so the working
+    model's state dict alone is *not* the float model there: the recipe records each d as
+    ``quant.<layer>.input_divisor`` and lists the layer in ``runtime_smoothed``."""
 
     layers: tuple[str, ...]
     reports: dict  # layer -> ditrt.calibrate.balance.BalanceReport
+    runtime_divisors: dict = field(default_factory=dict)  # layer -> d (C,), smoothed by a run-time multiply
 
     @property
     def skipped(self) -> int:
@@ -136,12 +144,14 @@ class Balanced:
         return sum(r.skipped for r in self.reports.values())
 
     def summary(self) -> dict:
-        """The ``recipe.details["balance"]`` record: counts over every folded layer, and the layers that skipped channels."""
+        """The ``recipe.details["balance"]`` record: counts over every balanced layer, the layers that skipped
+        channels, and (only if any) the layers smoothed at run time."""
         return {
             "layers": len(self.layers),
             "channels": sum(r.channels for r in self.reports.values()),
             "skipped_channels": self.skipped,
             "per_layer": {n: r.skipped for n, r in self.reports.items() if r.skipped},
+            **({"runtime_smoothed": len(self.runtime_divisors)} if self.runtime_divisors else {}),
         }
 
 
@@ -167,16 +177,30 @@ class Method:
         return None
 
 
+def _runtime_targets(step: Step) -> list[str]:
+    """The layers a balancing method smooths at run time: every block's fc2 with ``config.smooth_fc2``, else none.
+    (The config refuses smooth_fc2 with a method that does not balance; one that skips balancing at this
+    precision skips fc2 too.)"""
+    from ditrt.calibrate.balance import runtime_smoothable
+
+    return runtime_smoothable(step.layers) if getattr(step.config, "smooth_fc2", False) else []
+
+
 def _fold(step: Step, factors: dict[str, torch.Tensor], reports: dict[str, B.BalanceReport]) -> Balanced:
-    """Fold ``factors`` into the working model. Every rank computed the same factors from the same
-    reduced statistics; each folds rank 0's, so the ranks' models cannot drift apart even where a GPU
-    kernel is not bit-reproducible from one device to another."""
-    from ditrt.calibrate.balance import apply_balance
+    """Apply ``factors`` to the working model: folded into the weights for the targets, smoothed at run time
+    (:func:`ditrt.calibrate.balance.smooth_at_run_time`) for the :func:`_runtime_targets`. Every rank
+    computed the same factors from the same reduced statistics; each applies rank 0's, so the ranks'
+    models cannot drift apart even where a GPU kernel is not bit-reproducible from one device to another."""
+    from ditrt.calibrate.balance import apply_balance, smooth_at_run_time
     from ditrt.distributed import broadcast_object
 
-    factors = broadcast_object({n: d.cpu() for n, d in factors.items()}, step.world)
-    apply_balance(step.model, factors)
-    return Balanced(tuple(factors), reports)
+    factors = broadcast_object({n: d.detach().float().cpu() for n, d in factors.items()}, step.world)
+    runtime = set(_runtime_targets(step))
+    folded = {n: d for n, d in factors.items() if n not in runtime}
+    divisors = {n: d for n, d in factors.items() if n in runtime}
+    apply_balance(step.model, folded)
+    smooth_at_run_time(step.model, divisors)
+    return Balanced(tuple(folded), reports, divisors)
 
 
 class _Salience(Method):
@@ -202,9 +226,10 @@ class _Salience(Method):
 
         if not self.applies(step.precision):
             return None
-        stats = observe_linear_inputs(step.model, step.targets, step.batches, device=step.device, seed=step.seed, world=step.world)
+        layers = step.targets + _runtime_targets(step)
+        stats = observe_linear_inputs(step.model, layers, step.batches, device=step.device, seed=step.seed, world=step.world)
         factors, reports = {}, {}
-        for name, st in stats.items():  # compute every factor on the unmodified model, then fold them all
+        for name, st in stats.items():  # compute every factor on the unmodified model, then apply them all
             w_sal = B.weight_salience(step.model.get_submodule(name).weight.detach().float())
             factors[name], s_x = self.factors(st.channel_max_by_step(), w_sal, step.settings)
             reports[name] = B.BalanceReport.of(name, factors[name], s_x, w_sal)
@@ -256,7 +281,8 @@ class DiTAS(Method):
         p, config = step.precision, step.config
         quant = LayerQuant(p.weight_bits, p.act_bits, p.weight_granularity, step.block, config.weight_scale_search, config.act_scale_search)
         reports: dict = {}
-        factors, alphas = ditas_factors(step.model, step.targets, step.batches, quant, seed=step.seed, device=step.device,
+        layers = step.targets + _runtime_targets(step)
+        factors, alphas = ditas_factors(step.model, layers, step.batches, quant, seed=step.seed, device=step.device,
                                         reports=reports, world=step.world)  # fmt: skip
         step.details["alpha"] = alphas
         return _fold(step, factors, reports)
