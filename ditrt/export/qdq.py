@@ -12,14 +12,19 @@ DequantizeLinear:
 
 Why ``[in, out]``: TensorRT accepts both ``DQ(W[out,in], axis 0) -> Transpose`` and the pre-transposed
 form, but ONNX Runtime fuses only ``DQ -> MatMul`` (to ``MatMulIntegerToFloat`` / ``MatMulNBits``), so
-the reference executor runs real int8/int4 kernels. No output Q, no runtime Mul; scales have the
-graph's float type (strong typing: Q input, scale and DQ output share one dtype).
+the reference executor runs real int8/int4 kernels. No output Q; scales have the graph's float type
+(strong typing: Q input, scale and DQ output share one dtype).
+
+A layer the recipe smooths at run time (``runtime_smoothed``: fc2, whose input is the GELU output)
+gets one pointwise ``Mul`` by the constant ``1 / d`` (``L.input_multiplier``, (in,), the graph's float
+type) on its input, before its QuantizeLinear (or its MatMul in a weight-only graph); its folded
+weight already holds ``W * d``. Nothing is folded into the GELU. TensorRT fuses such a pointwise op
+with the GELU before it and the quantize after it; ONNX Runtime runs it as its own kernel.
 """
 
 from __future__ import annotations
 
 import ast
-import copy
 import logging
 
 import ml_dtypes
@@ -30,7 +35,8 @@ from torch import nn
 from ditrt.contracts.errors import ArtifactError, ConfigError
 from ditrt.contracts.precisions import FORMATS, INT4_BLOCK_SIZES
 from ditrt.contracts.quantizers import expand_weight_scale, quantize
-from ditrt.contracts.recipe import Recipe, check_recipe_matches, folded_state
+from ditrt.contracts.recipe import Recipe, check_recipe_matches
+from ditrt.models.quantized import folded_float_model, input_reciprocal, runtime_divisors
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +90,15 @@ def check_exportable(
         missing = [k for k in needed if k not in tensors]
         if missing:
             raise ArtifactError(f"recipe tensors lack {missing[0]}; the recipe folder is incomplete, re-run `ditrt calibrate`")
+    for name, d in runtime_divisors(tensors, recipe).items():
+        _graph_multiplier(d, dtype, name)  # refused before the export's expensive work
 
 
 def folded_model(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``model`` with the recipe's folded float weights (``model.*``), if it has any: the
-    float model a quantized graph is the Q/DQ version of."""
-    m = copy.deepcopy(model).eval()
-    folded = folded_state(tensors)
-    if folded:
-        m.load_state_dict(folded)
-    return m
+    """A copy of ``model`` with the recipe's folded float weights (``model.*``), if it has any, and its
+    run-time input divisors (:func:`ditrt.models.quantized.folded_float_model`): the float model a
+    quantized graph is the Q/DQ version of."""
+    return folded_float_model(model, tensors)
 
 
 def layer_weights(model: nn.Module, recipe: Recipe, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -176,6 +181,30 @@ def _graph_scale(scale: torch.Tensor, dtype: str, what: str) -> np.ndarray:
     if not (np.isfinite(s).all() and (s > 0).all()):
         raise ConfigError(f"{what} has scales that are zero or not finite in {dtype} (float16 keeps 6e-8..65504); export as fp32")
     return s
+
+
+def _graph_multiplier(divisor: torch.Tensor, dtype: str, layer: str) -> np.ndarray:
+    """The constant ``1 / d`` (in,) of a run-time smoothed layer in the graph's float type: the same
+    float32 reciprocal the simulation multiplies by (:func:`ditrt.models.quantized.input_reciprocal`)."""
+    r = input_reciprocal(divisor).cpu().numpy()
+    if r.ndim != 1 or not (np.isfinite(r).all() and (r > 0).all()):
+        raise ArtifactError(f"quant.{layer}.input_divisor must be finite positive factors (in,); re-run `ditrt calibrate`")
+    out = r.astype(_NP[dtype])
+    if not (np.isfinite(out).all() and (out > 0).all()):
+        raise ConfigError(f"{layer}'s run-time smoothing factors 1/d (range {r.min():.3g}..{r.max():.3g}) do not fit float16; export as fp32")
+    return out
+
+
+def _smooth_input(graph, matmul, layer: str, divisor: torch.Tensor, in_features: int, dtype: str):
+    """A ``Mul`` by the constant ``1 / d`` on ``matmul``'s activation input; returns the Mul (not yet inserted)."""
+    import onnx_ir as ir
+
+    if tuple(divisor.shape) != (in_features,):
+        raise ArtifactError(f"quant.{layer}.input_divisor has shape {tuple(divisor.shape)}, expected ({in_features},); re-run `ditrt calibrate`")
+    r = _const(graph, f"{layer}.input_multiplier", _graph_multiplier(divisor, dtype, layer))
+    mul = ir.node("Mul", [matmul.inputs[0], r], name=f"{layer}/input_smooth")
+    mul.outputs[0].name = f"{layer}.input_smoothed"
+    return mul
 
 
 def quantized_weight(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> np.ndarray:
@@ -284,6 +313,10 @@ def _insert_layer(graph, node, layer: str, weight: torch.Tensor, recipe: Recipe,
     dq_w = ir.node("DequantizeLinear", [wq, ws], attributes=attrs, name=f"{layer}/weight_dequantize")
     dq_w.outputs[0].name = f"{layer}.weight_dequantized"
     new = [dq_w]
+    if p + "input_divisor" in tensors:  # run-time smoothing: x * (1 / d) ahead of the input's Q/DQ
+        mul = _smooth_input(graph, matmul, layer, tensors[p + "input_divisor"], in_f, dtype)
+        new.append(mul)
+        matmul.replace_input_with(0, mul.outputs[0])
     if spec.quantizes_activations:
         scale = tensors[p + "input_scale"]
         scale = scale[group] if scale.ndim == 1 else scale
@@ -311,5 +344,5 @@ def insert_qdq(ir_model, recipe: Recipe, weights: dict[str, torch.Tensor], tenso
     nodes = find_linears(graph, weights, dtype)
     for name in recipe.layers:
         _insert_layer(graph, nodes[name], name, weights[name], recipe, tensors, dtype, timestep_group)
-    log.info("inserted Q/DQ for %d %s layers", len(recipe.layers), recipe.precision)
+    log.info("inserted Q/DQ for %d %s layers (%d smoothed at run time)", len(recipe.layers), recipe.precision, len(recipe.runtime_smoothed))
     return len(recipe.layers)
