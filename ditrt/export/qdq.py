@@ -189,7 +189,8 @@ def _graph_multiplier(divisor: torch.Tensor, dtype: str, layer: str) -> np.ndarr
     r = input_reciprocal(divisor).cpu().numpy()
     if r.ndim != 1 or not (np.isfinite(r).all() and (r > 0).all()):
         raise ArtifactError(f"quant.{layer}.input_divisor must be finite positive factors (in,); re-run `ditrt calibrate`")
-    out = r.astype(_NP[dtype])
+    with np.errstate(over="ignore"):  # an overflow to inf is refused below
+        out = r.astype(_NP[dtype])
     if not (np.isfinite(out).all() and (out > 0).all()):
         raise ConfigError(f"{layer}'s run-time smoothing factors 1/d (range {r.min():.3g}..{r.max():.3g}) do not fit float16; export as fp32")
     return out
