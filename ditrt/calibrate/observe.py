@@ -266,12 +266,14 @@ def observe_input_grams(
     Gram matrix ``H = sum_x x x^T`` (C, C) over every token row ``x`` of every batch: GPTQ's Hessian up to
     a constant factor (the token count, which GPTQ's relative damping makes irrelevant).
 
-    Each slice's ``X^T X`` is computed and accumulated in float64 on ``device`` (a float32 product of two
-    float32 values is exact in float64; only the sums round). In a torchrun job every rank sums its own
-    slices and the ranks' sums are added by an all-reduce: the result equals a single process's up to the
-    float64 summation order (relative differences around 1e-16), not bit for bit. Memory: one float64
-    C x C matrix per layer (DiT-XL/2: 10.6 MB at C = 1152, 170 MB for fc2's C = 4608) plus one slice's
-    float64 copy of the input (16 rows x 256 tokens x 4608: 150 MB)."""
+    Each slice's ``X^T X`` is one float32 matrix product (1024 token rows on the built-in model, 4096 on
+    DiT-XL/2: relative error around 1e-7, unless the caller enabled TF32 matmuls) added to a float64
+    accumulator on ``device``: on this CPU a float64 product made the pass 2.7x as long as the forward
+    passes alone, the float32 one 1.3x, and GPTQ's INT4 integers on the two differ in 0.01% of the weights.
+    In a torchrun job every rank sums its own slices and the ranks' sums are added by an all-reduce: the
+    result equals a single process's up to the float64 summation order (relative differences around
+    1e-16), not bit for bit. Memory: one float64 C x C matrix per layer (DiT-XL/2: 10.6 MB at C = 1152,
+    170 MB for fc2's C = 4608) and one slice's float32 product."""
     grams = {name: torch.zeros(_in_features(model, name), _in_features(model, name), dtype=torch.float64, device=device)
              for name in layers}  # fmt: skip
 
@@ -279,8 +281,8 @@ def observe_input_grams(
         gram = grams[name]
 
         def add(_s: Slice, x: torch.Tensor) -> None:
-            flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, C)
-            gram.addmm_(flat.T, flat)
+            flat = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, C)
+            gram.add_(flat.T @ flat)
 
         return add
 
