@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ditrt.calibrate.methods import REGISTRY, get_method
+from ditrt.calibrate.methods import REGISTRY, Method, get_method
 from ditrt.contracts.errors import ConfigError
 from ditrt.contracts.precisions import INT4_BLOCK_SIZES, get_precision
 from ditrt.contracts.recipe import SEARCHES, WEIGHT_ROUNDINGS, CalibrationSettings
@@ -60,6 +60,11 @@ class CalibrateConfig:
         if not p.quantizes_activations and (self.timestep_groups > 1 or self.dynamic_activations):
             what = "timestep groups" if self.timestep_groups > 1 else "dynamic activations"
             raise ConfigError(f"{what} set activation scales, but {p.name} does not quantize activations; drop the option or use a precision that does")
+        if not self.symmetric and "output" in (self.act_search, self.weight_search, self.strategy.default_search):
+            raise ConfigError("the output-aware activation search is symmetric only; pass --act-search mse (or minmax) with --asymmetric")
+        if self.smooth_fc2 and type(self.strategy).balance is Method.balance:
+            raise ConfigError(f"--smooth-fc2 smooths with a balancing method's factors, and {self.method} does not balance; "
+                              "use smoothquant, ptq4dit or ditas")  # fmt: skip
         if self.weights not in WEIGHT_ROUNDINGS:
             raise ConfigError(f"weight rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, got {self.weights!r}")
         if self.min_psnr is not None and not (0 < self.min_psnr < 200):

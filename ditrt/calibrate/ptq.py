@@ -113,21 +113,39 @@ def calibrate(model: nn.Module, config: CalibrateConfig, forward_loop: list[Cali
             log.info("balancing left %d channels at d = 1 (degenerate salience): %s", balanced.skipped, balanced.summary()["per_layer"])
 
     tensors = {f"model.{k}": v.detach().cpu() for k, v in work.state_dict().items()}
+    runtime = dict(getattr(balanced, "runtime_divisors", None) or {})  # fc2 smoothing: run-time input divisors
+    for name, d in runtime.items():
+        tensors[f"quant.{name}.input_divisor"] = d.detach().float().cpu()
+    wants_rows = "output" in (config.weight_scale_search, config.act_scale_search)
+    rows = _captured_rows(work, layers, batches, config, device, world) if wants_rows else {}
 
     def scales_of_weight(name: str):  # on the device, one layer per rank at a time
         w, block = work.get_submodule(name).weight.detach().float(), blocks[name]
+        gram = None
+        if config.weight_scale_search == "output":
+            x = rows[name].rows.to(w.device)
+            gram = x.T @ x
         scale, zp = weight_scale(w, w_bits, granularity="block" if block else "channel", block_size=block or None,
-                                 symmetric=config.symmetric, search=config.weight_scale_search)  # fmt: skip
+                                 symmetric=config.symmetric, search=config.weight_scale_search, gram=gram)  # fmt: skip
         return scale.cpu(), None if zp is None else zp.cpu()
 
     for name, (scale, zp) in zip(layers, map_items(scales_of_weight, layers, world)):
         tensors[f"quant.{name}.weight_scale"] = scale
         if zp is not None:
             tensors[f"quant.{name}.weight_zero_point"] = zp
+    if config.weights == "gptq":  # Hessian-compensated rounding on the same grids, written back on the grid
+        from ditrt.calibrate.gptq import gptq_weights
+
+        scales = {n: tensors[f"quant.{n}.weight_scale"] for n in layers}
+        rounded, details["gptq"] = gptq_weights(work, layers, batches, scales, w_bits, blocks, device=device, world=world,
+                                                progress=world.is_main)  # fmt: skip
+        for name, w in rounded.items():
+            tensors[f"model.{name}.weight"] = w
     edges: tuple[float, ...] = ()
     if a_bits is not None:  # activation scales are measured on the balanced model, per timestep group
         groups, edges = group_batches(batches, config.timestep_groups)
-        per_group = [_activation_scales(work, layers, g, a_bits, config, device, world) for g in groups]
+        per_group = [_activation_scales(work, layers, g, a_bits, config, device, world, tensors, rows if len(groups) == 1 else None)
+                     for g in groups]  # fmt: skip
         for name in layers:
             scales = [pg[name] for pg in per_group]
             for key, i in (("input_scale", 0), ("input_zero_point", 1)):
@@ -141,9 +159,12 @@ def calibrate(model: nn.Module, config: CalibrateConfig, forward_loop: list[Cali
         alpha=getattr(config.settings, "alpha", None), calibration=config.calibration,
         balanced_layers=balanced.layers if balanced is not None else (), layer_block_sizes=searched or {},
         timestep_group_edges=edges, dynamic_activations=config.dynamic_activations, details=details, notes=tuple(notes),
+        weight_rounding=config.weights, runtime_smoothed=tuple(runtime),
     )  # fmt: skip
     if config.reconstruct:
         recipe, tensors = _reconstruct(model, recipe, tensors, batches, config, device, progress=world.is_main)
+    if config.min_psnr is not None or config.max_float_layers is not None:
+        recipe, tensors = _fall_back(model, work, recipe, tensors, config, device, world)
     return recipe, tensors
 
 
@@ -158,16 +179,68 @@ def _batches(forward_loop) -> list[CalibBatch]:
     return list(forward_loop)
 
 
-def _activation_scales(work, layers, batches, a_bits, config, device, world: World) -> dict[str, tuple]:
-    """``{layer: (scale, zero point or None)}`` (CPU) from the reduced statistics, layers shared over the ranks."""
+#: Token rows per recorded batch that the output-aware search scores its clips on (DiTAS' capture size):
+#: 25 x 64 rows of every quantized Linear's input, about 1.5 GB for DiT-XL/2's 112 Linears in float32.
+OUTPUT_SEARCH_ROWS = 64
+
+
+def _captured_rows(work, layers, batches, config: CalibrateConfig, device, world: World) -> dict:
+    """The recorded input rows of every layer (:func:`ditrt.calibrate.observe.capture_layer_inputs`), for the output-aware search."""
+    from ditrt.calibrate.observe import capture_layer_inputs
+
+    return capture_layer_inputs(work, layers, batches, tokens_per_batch=OUTPUT_SEARCH_ROWS, seed=config.calibration.seed,
+                                device=device, world=world)  # fmt: skip
+
+
+def _activation_scales(work, layers, batches, a_bits, config, device, world: World, tensors: dict,
+                       rows: dict | None = None) -> dict[str, tuple]:  # fmt: skip
+    """``{layer: (scale, zero point or None)}`` (CPU) from the reduced statistics, layers shared over the ranks.
+    The output-aware search scores clips on the rows of these ``batches`` (``rows``: already captured on
+    them) against the weight the layer runs with (its recipe weight on ``tensors``' scale)."""
+    from ditrt.contracts.quantizers import fake_quant_weight
+
     stats = observe_linear_inputs(work, layers, batches, device=device, seed=config.calibration.seed, world=world)
+    if config.act_scale_search == "output" and rows is None:
+        rows = _captured_rows(work, layers, batches, config, device, world)
 
     def search(name: str):
+        extra = {}
+        if config.act_scale_search == "output":
+            w = work.get_submodule(name).weight.detach().float()
+            stored = tensors[f"model.{name}.weight"].to(w.device).float()  # the GPTQ-rounded weight where it was rounded
+            zp = tensors.get(f"quant.{name}.weight_zero_point")
+            wq = fake_quant_weight(stored, tensors[f"quant.{name}.weight_scale"].to(w.device),
+                                   None if zp is None else zp.to(w.device), config_bits(config), config.symmetric)  # fmt: skip
+            extra = {"rows": rows[name].rows.to(w.device), "weight": w, "weight_q": wq}
         scale, zp = activation_scale(stats[name].sample_values(), a_bits, symmetric=config.symmetric,
-                                     search=config.act_scale_search, absmax=stats[name].absmax)  # fmt: skip
+                                     search=config.act_scale_search, absmax=stats[name].absmax, **extra)  # fmt: skip
         return scale.cpu(), None if zp is None else zp.cpu()
 
     return dict(zip(layers, map_items(search, layers, world)))
+
+
+def config_bits(config: CalibrateConfig) -> int:
+    """The weight bits of ``config``'s precision."""
+    return get_precision(config.precision).weight_bits
+
+
+def _fall_back(model, work, recipe: Recipe, tensors: dict, config: CalibrateConfig, device, world: World) -> tuple[Recipe, dict]:
+    """Leave the most sensitive layers in float under the budget (:mod:`ditrt.calibrate.fallback`). A layer
+    left in float gets its balanced float weight back; one smoothed at run time gets the original weight
+    and loses its divisor (a float layer needs no smoothing)."""
+    import dataclasses
+
+    from ditrt.calibrate.fallback import FallbackSettings, choose_float_layers
+    from ditrt.distributed import broadcast_object
+
+    floats = {n: (model if n in recipe.runtime_smoothed else work).get_submodule(n).weight.detach().float().cpu() for n in recipe.layers}
+    settings = FallbackSettings(min_psnr=config.min_psnr, max_float_layers=config.max_float_layers)
+    new, new_tensors, _ = choose_float_layers(model, recipe, tensors, floats, settings, device=device, progress=world.is_main)
+    chosen = broadcast_object(sorted(new.float_layers), world)  # every rank keeps rank 0's choice
+    if sorted(new.float_layers) != chosen:
+        raise RuntimeError("the ranks chose different float layers; run the fallback in one process")
+    smoothed = tuple(n for n in recipe.runtime_smoothed if n in new.layers)
+    return dataclasses.replace(new, runtime_smoothed=smoothed), new_tensors
 
 
 def _reconstruct(model, recipe: Recipe, tensors: dict, batches, config: CalibrateConfig, device, *,

@@ -1,6 +1,18 @@
 """Scale search: the scale (and zero point) of each weight group or activation tensor, by min-max,
-PTQ4DiT's percentile clips or an MSE clip search. The quantizers themselves (their Q/DQ semantics)
-are :mod:`ditrt.contracts.quantizers`; these are pure tensor functions too.
+PTQ4DiT's percentile clips, an MSE clip search of the tensor's own error, or an output-aware clip
+search ("output") that scores each clip by the error it causes in the layer's *output* on recorded
+inputs. The quantizers themselves (their Q/DQ semantics) are :mod:`ditrt.contracts.quantizers`; these
+are pure tensor functions too.
+
+The output-aware search tries the MSE search's clips (:data:`MSE_RATIOS` of the full range) and keeps
+the one with the lowest output error:
+
+- weights, given the Gram matrix ``H = X^T X`` of the layer's inputs: ``dw H dw^T`` per output channel
+  (``dw`` the rounding error of that row), the squared output error over the inputs ``X``; block-wise,
+  each block is scored with its diagonal block of ``H`` (its cross terms with other blocks ignored);
+- activations (symmetric, per tensor), given recorded input rows ``X``, the float weight ``W`` and the
+  quantized weight ``W_q`` the layer will run with: ``|Q(X) W_q^T - X W^T|^2``, so the clip is chosen
+  for the error the layer's output actually carries, weight error included.
 """
 
 from __future__ import annotations
@@ -71,7 +83,7 @@ def _candidates(g: torch.Tensor, symmetric: bool, search: str, absmax: torch.Ten
         his = [full]
         if search == "percentile":
             his += [torch.minimum(q, full) for q in _quantiles(a, PERCENTILES)]
-        elif search == "mse":
+        elif search in ("mse", "output"):
             his += [full * r for r in MSE_RATIOS[1:]]
         return [(None, h) for h in his]
     lo, hi = g.amin(dim=-1).clamp_max(0), g.amax(dim=-1).clamp_min(0)
@@ -80,13 +92,14 @@ def _candidates(g: torch.Tensor, symmetric: bool, search: str, absmax: torch.Ten
         qs = _quantiles(g, [1 - p for p in PERCENTILES] + list(PERCENTILES))
         k = len(PERCENTILES)
         ranges += [(torch.maximum(ql, lo).clamp_max(0), torch.minimum(qh, hi).clamp_min(0)) for ql, qh in zip(qs[:k], qs[k:])]
-    elif search == "mse":
+    elif search in ("mse", "output"):
         ranges += [(lo * r, hi * r) for r in MSE_RATIOS[1:]]
     return ranges
 
 
-def _search_scale(g: torch.Tensor, bits: int, symmetric: bool, search: str, absmax: torch.Tensor | None = None):
-    """Per group of ``g`` (*S, n), the candidate scale with the lowest squared reconstruction error."""
+def _search_scale(g: torch.Tensor, bits: int, symmetric: bool, search: str, absmax: torch.Tensor | None = None, error=None):
+    """Per group of ``g`` (*S, n), the candidate scale with the lowest error: ``error(g_hat - g)`` (S) when
+    given (the output-aware search), else the squared reconstruction error of the group."""
     _check_search(search)
     g = g.float()
     if not bool(torch.isfinite(g).all()) or (absmax is not None and not bool(torch.isfinite(absmax).all())):
@@ -97,7 +110,8 @@ def _search_scale(g: torch.Tensor, bits: int, symmetric: bool, search: str, absm
         if best_scale is None and search == "minmax":
             return scale, zp
         zpx = None if zp is None else zp[..., None]
-        err = (fake_quant(g, scale[..., None], zpx, bits, symmetric) - g).square().sum(dim=-1)  # S
+        delta = fake_quant(g, scale[..., None], zpx, bits, symmetric) - g
+        err = delta.square().sum(dim=-1) if error is None else error(delta)  # S
         if best_scale is None:
             best_scale, best_zp, best_err = scale, zp, err
             continue
@@ -133,6 +147,7 @@ def weight_scale(
     block_size: int | None = None,
     symmetric: bool = True,
     search: str = "minmax",
+    gram: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point of a Linear weight (out, in).
 
@@ -140,9 +155,31 @@ def weight_scale(
     zero point (same shape, float, integer-valued) when asymmetric, else None. ``search``:
     "minmax" clips at max|w| of each group; "percentile" also tries the |w| quantiles
     :data:`PERCENTILES` (PTQ4DiT's init) and "mse" the clips ``max * r`` (:data:`MSE_RATIOS`),
-    each keeping per group the candidate with the lowest L2 reconstruction error.
+    each keeping per group the candidate with the lowest L2 reconstruction error; "output" tries the
+    clips of "mse" and keeps the one with the lowest output error ``dw H dw^T`` under ``gram`` (in, in),
+    the Gram matrix ``X^T X`` of the layer's inputs (required for it).
     """
-    return _search_scale(weight_groups(w, granularity, block_size), bits, symmetric, search)
+    groups = weight_groups(w, granularity, block_size)
+    if search != "output":
+        return _search_scale(groups, bits, symmetric, search)
+    return _search_scale(groups, bits, symmetric, search, error=_weight_output_error(gram, w.shape, granularity, block_size))
+
+
+def _weight_output_error(gram: torch.Tensor | None, shape, granularity: str, block_size: int | None):
+    """``error(delta)`` of the output-aware weight search: ``delta`` (out, in) or (out, blocks, block) -> per group."""
+    in_f = shape[-1]
+    if gram is None:
+        raise ConfigError("the output-aware weight search needs the Gram matrix of the layer's inputs (gram=X^T X)")
+    if tuple(gram.shape) != (in_f, in_f):
+        raise InputError(f"the Gram matrix must be ({in_f}, {in_f}) for a weight of {in_f} inputs, got {tuple(gram.shape)}")
+    if not bool(torch.isfinite(gram).all()):
+        raise InputError("the Gram matrix of the layer's inputs holds NaN or inf; check the float model and its calibration inputs")
+    h = gram.float()
+    if granularity == "channel":
+        return lambda d: ((d @ h) * d).sum(dim=-1)
+    nb = in_f // block_size
+    hb = torch.stack([h[i * block_size : (i + 1) * block_size, i * block_size : (i + 1) * block_size] for i in range(nb)])
+    return lambda d: torch.einsum("onb,nbc,onc->on", d, hb, d)
 
 
 def activation_scale(
@@ -152,6 +189,9 @@ def activation_scale(
     symmetric: bool = True,
     search: str = "minmax",
     absmax: float | torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    weight_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-tensor scale ``()`` (and zero point ``()`` when asymmetric) of an activation.
 
@@ -159,9 +199,36 @@ def activation_scale(
     ``absmax``: the true running max |x| over everything seen, which replaces the subset's max as
     the widest candidate (symmetric only: a magnitude does not say which side an asymmetric range
     should widen, so asymmetric ranges come from the subset's min and max).
+    ``search="output"`` (symmetric only) scores each clip by the layer's output error on ``rows`` (N, in),
+    recorded input rows: ``|Q(rows) weight_q^T - rows weight^T|^2``, with the float ``weight`` (out, in)
+    and ``weight_q``, the quantized weight the layer runs with.
     """
+    if search == "output":
+        return _activation_output_scale(rows, weight, weight_q, bits, symmetric, absmax), None
     g = samples.detach().reshape(-1).float()
     if g.numel() == 0:
         raise InputError("no activation samples to calibrate on; run the calibration forward loop first")
     am = None if absmax is None or not symmetric else torch.as_tensor(absmax, dtype=torch.float32).reshape(())
     return _search_scale(g, bits, symmetric, search, am)
+
+
+def _activation_output_scale(rows, weight, weight_q, bits: int, symmetric: bool, absmax) -> torch.Tensor:
+    """The output-aware activation scale ``()`` (see :func:`activation_scale`); ties keep the wider clip."""
+    if not symmetric:
+        raise ConfigError("the output-aware activation search is symmetric only; use --act-search mse with --asymmetric")
+    if rows is None or weight is None or weight_q is None:
+        raise ConfigError("the output-aware activation search needs the layer's recorded input rows, its weight and its quantized weight")
+    x, w, wq = rows.detach().float(), weight.detach().float(), weight_q.detach().float()
+    if x.ndim != 2 or x.shape[-1] != w.shape[-1] or w.shape != wq.shape:
+        raise InputError(f"output-aware search: rows {tuple(x.shape)}, weight {tuple(w.shape)} and quantized weight {tuple(wq.shape)} do not fit")
+    if not bool(torch.isfinite(x).all()):
+        raise InputError("cannot calibrate a scale on NaN or inf values; check the float model and its calibration inputs")
+    full = x.abs().amax() if absmax is None else torch.as_tensor(absmax, dtype=torch.float32).reshape(()).to(x.device)
+    ref = x @ w.T
+    best, best_err = None, None
+    for r in MSE_RATIOS:
+        scale, _ = _scales_from_range(None, full * r, bits, True)
+        err = float((fake_quant(x, scale, None, bits, True) @ wq.T - ref).square().sum())
+        if best is None or err < best_err:  # strict: ties keep the earlier (wider) clip
+            best, best_err = scale, err
+    return best

@@ -119,7 +119,9 @@ def test_recipes_are_those_made_before_the_redesign(tiny, tiny_batches, name, tm
     recipe, tensors = _run(tiny, tiny_batches, method=method, precision=precision)
     save_recipe(recipe, tensors, tmp_path)
     after = json.loads((tmp_path / "recipe.json").read_text())
-    assert after["details"].pop("balance")["skipped_channels"] == 0  # the one new field
+    assert after["details"].pop("balance")["skipped_channels"] == 0  # a field added later
+    added = {"weight_rounding": "rtn", "float_layers": {}, "runtime_smoothed": []}  # issue 13's fields, at their defaults
+    assert {k: after.pop(k) for k in added} == added
     assert after == before["recipe"]
     assert hashlib.sha256((tmp_path / "weights.safetensors").read_bytes()).hexdigest() == before["weights_sha256"]
 
