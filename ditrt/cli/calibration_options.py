@@ -26,7 +26,7 @@ from ditrt.calibrate.config import CalibrateConfig
 from ditrt.calibrate.methods import QDIT_CHANNEL, QDIT_FITNESSES, REGISTRY, QDiTSettings, SmoothQuantSettings
 from ditrt.contracts.errors import ConfigError
 from ditrt.contracts.precisions import INT4_BLOCK_SIZES, PRECISIONS, get_precision
-from ditrt.contracts.recipe import METHODS, SEARCHES, CalibrationSettings
+from ditrt.contracts.recipe import METHODS, SEARCHES, WEIGHT_ROUNDINGS, CalibrationSettings
 
 
 def _default(cls, name: str):
@@ -51,7 +51,7 @@ METHOD_OPTIONS = {
     "qdit_choices": ("qdit", "candidates"),
 }
 
-_SEARCH_HELP = "min-max, PTQ4DiT's percentile clips or an MSE clip search"
+_SEARCH_HELP = "min-max, PTQ4DiT's percentile clips, an MSE clip search of the tensor's own error, or the clip with the lowest layer-output error"
 _DEFAULT_SEARCH = ", ".join(f"{m.default_search} for {n}" for n, m in REGISTRY.items() if m.default_search != "mse") + ", else mse"
 
 _OPTIONS = [
@@ -90,6 +90,14 @@ _OPTIONS = [
                  help="BRECQ/AdaRound block reconstruction after calibration (any method)."),
     click.option("--reconstruct-iters", type=int, default=None,
                  help="Reconstruction iterations per block, with --reconstruct [default: ReconstructSettings']."),
+    click.option("--weights", type=click.Choice(WEIGHT_ROUNDINGS), default=None,
+                 help=f"Weight rounding: rtn (round to nearest) or gptq (Hessian-compensated, on the same grids) [default: {_C('weights')}]."),
+    click.option("--smooth-fc2", is_flag=True, default=_C("smooth_fc2"),
+                 help="Balancing methods also smooth fc2 (a run-time per-channel Mul on the GELU output, exported before its Q)."),
+    click.option("--min-psnr", type=float, default=None,
+                 help="Leave the most sensitive layers in float16 until a short paired probe reaches this PSNR (dB)."),
+    click.option("--max-float-layers", type=int, default=None,
+                 help="At most this many layers left in float (alone: the N most sensitive; with --min-psnr: the limit)."),
     click.option("--alpha", type=float, default=None,
                  help=f"smoothquant: migration strength in [0, 1] [default: {_default(SmoothQuantSettings, 'alpha')}]."),
     click.option("--qdit-budget", type=float, default=None,
@@ -200,5 +208,6 @@ def calibrate_config_from_options(**options) -> CalibrateConfig:
         method=method, precision=precision, method_settings=method_settings, weight_search=weight_search, act_search=act_search,
         quantize_all=bool(o["quantize_all"]), symmetric=not o["asymmetric"], block_size=block, timestep_groups=groups,
         dynamic_activations=bool(o["dynamic_activations"]), reconstruct=bool(o["reconstruct"]),
-        reconstruct_iters=o["reconstruct_iters"], calibration=settings,
+        reconstruct_iters=o["reconstruct_iters"], calibration=settings, weights=o["weights"] or _C("weights"),
+        smooth_fc2=bool(o["smooth_fc2"]), min_psnr=o["min_psnr"], max_float_layers=o["max_float_layers"],
     )  # fmt: skip
