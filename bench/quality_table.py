@@ -1,33 +1,47 @@
 """The quality table: float vs every calibration method at w8a8, w4a16, w4a8 (simulated), on the
-built-in model and its stress variant, at 250, 100 and 50 sampling steps.
+built-in model and its stress variant, with N samples per row chosen per step count.
 
 A benchmark, not a test: it writes docs/results/quality.md and docs/results/quality.json.
 
-    .venv/bin/python bench/quality_table.py --num 32 --out docs/results
+    .venv/bin/python bench/quality_table.py --num 250=64 50=256 --out docs/results
 
-Each row is cached (``--cache``) as soon as it is measured, so the table can be built in parts
-(``--models``, ``--methods``, ``--precisions``, ``--steps`` select what to measure) and is always
-written from every cached row measured with the same ``--num``.
+``--num`` is one N for every ``--steps`` count (``--num 256 --steps 50``) or one ``STEPS=N`` per step
+count (the default, ``250=64 50=256``: the 250-step rows cost 5x more per sample). Each row is cached
+(``--cache``) as soon as it is measured, keyed by (model, method, precision, steps, N, backend) and
+the measurement protocol (calibration and held-out settings, bootstrap), so the table can be built
+in parts (``--models``, ``--methods``, ``--precisions``, ``--steps`` select what to measure; each also
+takes comma-separated lists) and is always written from the cache: every cached row of the (steps, N)
+pairs asked for, measured under the current protocol. ``--table-only`` rebuilds it without measuring.
 
 A method is a spec: a base method (``minmax``, ``smoothquant``, ``ptq4dit``, and whatever else
 ``ditrt calibrate --method`` accepts), optionally followed by ``+option`` suffixes that map to
-:class:`CalibrateConfig` fields, e.g. ``ptq4dit+recon`` (block reconstruction), ``minmax+k4``
-(4 timestep groups of activation scales), ``qdit+dyn`` (dynamic activations, simulation only),
-``ptq4dit+mm`` (min-max scales instead of the MSE clip search).
+:class:`CalibrateConfig` fields (:data:`OPTIONS`, :data:`PATTERNS`), e.g. ``ptq4dit+recon`` (block
+reconstruction), ``minmax+k4`` (4 timestep groups of activation scales), ``ptq4dit+mm`` (min-max
+scales instead of the MSE clip search), ``ptq4dit+out`` (the output-aware search), ``minmax+gptq``
+(GPTQ weights), ``smoothquant+a1+fc2`` (alpha 1.0, fc2 smoothed at run time), ``ptq4dit+fb50``
+(layers left in float until the paired probe reaches 50 dB), ``ptq4dit+fl4`` (at most 4 float layers).
 
-Primary columns: paired PSNR of each quantized model's samples against the float model's samples
-made from the same seeds and labels, and the mean per-timestep relative error of the noise
-prediction on the calibration trajectory. FD (with its floor) and class accuracy are sanity columns.
+Columns: paired PSNR of each quantized model's samples against the float model's samples made from
+the same seeds and labels, with its 95% percentile bootstrap interval over samples; the one-step SQNR
+of the noise prediction on held-out inputs (recorded along float trajectories from another seed than
+calibration), mean over timesteps and pooled (per timestep in the JSON); FD (with its floor) and
+class accuracy as sanity columns. The noise floor row runs one recipe (``--floor``) in ONNX Runtime
+from its exported graph: its paired PSNR against the same recipe run by torch is how far execution
+alone moves a row. Rows are ranked only where their intervals separate (see :func:`ranks`).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import functools
+import dataclasses
+import gc
 import json
+import os
 import platform
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,21 +49,28 @@ import numpy as np
 import torch
 
 from ditrt import __version__
+from ditrt.calibrate.methods import get_method
 from ditrt.calibrate.observe import observe_linear_inputs
 from ditrt.calibrate.ptq import CalibrateConfig, calibrate
 from ditrt.calibrate.stress import inject_salient_channels
-from ditrt.contracts.files import atomic_write
+from ditrt.contracts.errors import ConfigError
+from ditrt.contracts.files import atomic_write, state_dict_hash, tensors_sha256
 from ditrt.contracts.recipe import CalibrationSettings
 from ditrt.diffusion.recording import record_calibration_inputs
 from ditrt.diffusion.sample_set import generate
 from ditrt.diffusion.sampler import SamplerConfig
+from ditrt.export.onnx_export import export_model
 from ditrt.models.builtin import load_model
 from ditrt.models.quantized import quantized_model
 from ditrt.quality import metrics
+from ditrt.runtime.open import open_denoiser
 
 METHODS = ("minmax", "smoothquant", "ptq4dit")
 PRECISIONS = ("w8a8", "w4a16", "w4a8")
-REL_FD_MIN_NUM = 256  #: tables of at least this many samples per row show FD relative to float
+MODELS = ("builtin", "stress")
+REL_FD_MIN_NUM = 256  #: rows of at least this many samples show FD relative to float
+CFG_SCALE = 1.5
+CONFIDENCE, RESAMPLES = 0.95, 2000  #: the bootstrap interval of paired PSNR
 #: method-spec suffix -> CalibrateConfig fields
 OPTIONS = {
     "recon": {"reconstruct": True},
@@ -57,17 +78,42 @@ OPTIONS = {
     "k2": {"timestep_groups": 2},
     "k4": {"timestep_groups": 4},
     "mm": {"weight_search": "minmax", "act_search": "minmax"},  # min-max scales instead of the MSE clip search (non-minmax methods' default)
+    "out": {"weight_search": "output", "act_search": "output"},  # scales minimising each quantized layer's output error
+    "gptq": {"weights": "gptq"},
+    "fc2": {"smooth_fc2": True},
+}
+#: parametrised suffixes: ``+fbNN`` (min_psnr NN dB), ``+flN`` (max_float_layers N), ``+aX`` (the method's alpha X)
+PATTERNS = {
+    re.compile(r"fb(\d+(?:\.\d+)?)"): lambda m, base: {"min_psnr": float(m[1])},
+    re.compile(r"fl(\d+)"): lambda m, base: {"max_float_layers": int(m[1])},
+    re.compile(r"a(\d+(?:\.\d+)?)"): lambda m, base: {"method_settings": _with_alpha(base, float(m[1]))},
 }
 
 
+def _with_alpha(base: str, alpha: float):
+    settings = get_method(base).settings
+    if "alpha" not in {f.name for f in dataclasses.fields(settings)}:
+        raise ConfigError(f"+a{alpha:g} sets a migration strength, which {base} does not have (smoothquant does)")
+    return settings(alpha=alpha)
+
+
 def config_for(spec: str, precision: str, settings: CalibrationSettings) -> CalibrateConfig:
+    """The CalibrateConfig of a method spec; an unknown suffix or an invalid combination is a
+    :class:`SystemExit` naming it (checked for every row before any measurement)."""
     base, *opts = spec.split("+")
     fields = {}
-    for o in opts:
-        if o not in OPTIONS:
-            raise SystemExit(f"unknown method option +{o}; known: {', '.join(OPTIONS)}")
-        fields.update(OPTIONS[o])
-    return CalibrateConfig(method=base, precision=precision, calibration=settings, **fields)
+    try:
+        for o in opts:
+            if o in OPTIONS:
+                fields.update(OPTIONS[o])
+                continue
+            match = next(((m, make) for p, make in PATTERNS.items() if (m := p.fullmatch(o))), None)
+            if match is None:
+                raise ConfigError(f"unknown method option +{o}; known: {', '.join(OPTIONS)}, fbNN (min PSNR), flN (max float layers), aX (alpha)")
+            fields.update(match[1](match[0], base))
+        return CalibrateConfig(method=base, precision=precision, calibration=settings, **fields)
+    except ConfigError as e:
+        raise SystemExit(f"method {spec} at {precision}: {e}") from None
 
 
 def stress_variant(model, batches):
@@ -80,41 +126,38 @@ def stress_variant(model, batches):
     return stressed.eval(), info
 
 
-def noise_error(ref, test, batches) -> tuple[float, float]:
-    """Mean and max over recorded steps of the relative error of the noise prediction."""
-    rows = metrics.error_by_timestep(ref, test, batches, channels=ref.config.in_channels)
-    errs = [r["rel_error"] for r in rows]
-    return float(np.mean(errs)), float(np.max(errs))
-
-
-def sample_images(model, steps: str, labels, seeds):
+def sample_images(model, steps: str, num: int, *, device: str = "cpu", batch: int = 512, first_seed: int = 0) -> np.ndarray:
+    """N samples with labels cycling 0-9 and seeds 0..N-1 (the same for every row; ``first_seed``: others)."""
     cfg = model.config
-    sampler = SamplerConfig(steps=steps, cfg_scale=1.5, clip_denoised=True)
-    return generate(model, sampler, labels, seeds, num_classes=cfg.num_classes, image_shape=(1, 8, 8), batch_size=512)
+    sampler = SamplerConfig(steps=steps, cfg_scale=CFG_SCALE, clip_denoised=True)
+    labels, seeds = [i % cfg.num_classes for i in range(num)], list(range(first_seed, first_seed + num))
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    return generate(model, sampler, labels, seeds, num_classes=cfg.num_classes, image_shape=shape, device=device, batch_size=batch, progress=True)
 
 
 class Cache:
-    """One JSON file per measured row, one npz per float reference sample set."""
+    """One JSON file per measured row, one npy per sample set, one safetensors per recording."""
 
-    def __init__(self, root: Path, num: int):
-        self.root = Path(root) / f"n{num}"
+    def __init__(self, root: Path):
+        self.root = Path(root) / "v2"
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, *key, ext="json") -> Path:
         return self.root / ("__".join(str(k) for k in key) + f".{ext}")
 
-    def row(self, *key) -> dict | None:
+    def row(self, key: tuple, protocol: dict) -> dict | None:
         p = self._path(*key)
-        return json.loads(p.read_text()) if p.exists() else None
+        row = json.loads(p.read_text()) if p.exists() else None
+        return row if row is not None and row.get("protocol") == protocol else None
 
-    def put_row(self, row: dict, *key) -> None:
+    def put_row(self, row: dict, key: tuple) -> None:
         atomic_write(self._path(*key), lambda tmp: tmp.write_text(json.dumps(row, indent=1)))
 
-    def reference(self, model_name: str, steps: str, make) -> np.ndarray:
-        p = self._path(model_name, "float", steps, ext="npy")
+    def samples(self, key: tuple, make) -> np.ndarray:
+        p = self._path(*key, ext="npy")
         if p.exists():
-            return np.load(p)
-        imgs = np.asarray(make())
+            return np.load(p, allow_pickle=False)
+        imgs = np.asarray(make(), dtype=np.float32)
 
         def write(tmp):
             with open(tmp, "wb") as f:
@@ -123,95 +166,161 @@ class Cache:
         atomic_write(p, write)
         return imgs
 
-    def rows(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.root.glob("*__*.json"))]  # rows only, not stress_variant.json
+    def recording(self, model, settings: CalibrationSettings) -> list:
+        """:func:`record_calibration_inputs` of ``model`` (pixel space), kept per model weights and settings."""
+        from safetensors.torch import load_file, save_file
+
+        s = settings
+        p = self._path("inputs", state_dict_hash(model)[:12], f"seed{s.seed}-s{s.steps}-t{s.timesteps}-n{s.samples}-cfg{s.cfg_scale}", ext="safetensors")
+        if p.exists():
+            d = load_file(str(p))
+            return [(d[f"x{i}"], d[f"t{i}"], d[f"y{i}"]) for i in range(len(d) // 3)]
+        t0 = time.perf_counter()
+        batches = record_calibration_inputs(model, settings, pixel_space=True, progress=True)
+        log(f"recorded {s.timesteps} steps x {s.samples} samples (seed {s.seed}) in {time.perf_counter() - t0:.0f} s")
+        tensors = {f"{n}{i}": v.contiguous() for i, b in enumerate(batches) for n, v in zip("xty", b)}
+        atomic_write(p, lambda tmp: save_file(tensors, str(tmp)))
+        return batches
+
+    def rows(self, plan: list[tuple[str, int]], protocol: dict) -> list[dict]:
+        rows = [json.loads(p.read_text()) for p in sorted(self.root.glob("*__*.json"))]
+        wanted = [r for r in rows if (str(r["steps"]), r["num"]) in plan]
+        kept = [r for r in wanted if r.get("protocol") == protocol]
+        if len(kept) < len(wanted):
+            log(f"left out {len(wanted) - len(kept)} cached rows measured under another protocol")
+        return kept
 
 
-def run(args) -> None:
+def timed_calibration(model, config: CalibrateConfig, batches) -> tuple:
+    """``(recipe, tensors, timing)``: the calibrate call alone on the recorded inputs, nothing else
+    running in this process; ``timing`` has wall and CPU seconds, torch's threads and the machine's
+    1/5/15-minute load averages right after it (other jobs on the machine make times incomparable)."""
+    gc.collect()
+    w0, c0 = time.perf_counter(), time.process_time()
+    recipe, tensors = calibrate(model, config, batches)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    timing = {"calib_seconds": round(wall, 1), "calib_cpu_seconds": round(cpu, 1), "threads": torch.get_num_threads(),
+              "loadavg": [round(v, 2) for v in os.getloadavg()], "cpus": os.cpu_count()}  # fmt: skip
+    return recipe, tensors, timing
+
+
+def psnr_fields(ref, imgs, prefix: str = "psnr") -> dict:
+    psnr, lo, hi = metrics.paired_psnr_interval(ref, imgs, confidence=CONFIDENCE, resamples=RESAMPLES)
+    return {f"{prefix}_db": psnr, f"{prefix}_lo": lo, f"{prefix}_hi": hi}
+
+
+def image_fields(ref, imgs, num: int) -> dict:
+    labels = [i % 10 for i in range(num)]
+    return {**psnr_fields(ref, imgs), "fd": metrics.fd_to_real(imgs), "class_accuracy": metrics.class_accuracy(imgs, labels)}
+
+
+def run(args, plan: list[tuple[str, int]], protocol: dict) -> None:
     torch.manual_seed(0)
-    cache = Cache(args.cache, args.num)
+    cache = Cache(args.cache)
+    settings, heldout = CalibrationSettings(), CalibrationSettings(seed=args.heldout_seed)
+    jobs = [(spec, p) for spec in args.methods for p in args.precisions]
+    if args.floor is not None and args.floor not in jobs:
+        jobs.append(args.floor)  # the floor compares against this recipe's torch row
+    configs = {job: config_for(*job, settings) for job in jobs}  # every spec checked before any work
     base = load_model("builtin")
-    settings = CalibrationSettings()
-    labels = [i % 10 for i in range(args.num)]
-    seeds = list(range(args.num))
-    t0 = time.time()
-    base_batches = record_calibration_inputs(base, settings, pixel_space=True)
-    log(f"calibration inputs recorded in {time.time() - t0:.1f} s")
-    variants = {"builtin": lambda: (base, base_batches)}
+    base_batches = cache.recording(base, settings)
 
     def stressed():
         model, info = stress_variant(base, base_batches)
-        (cache.root / "stress_variant.json").write_text(json.dumps(info, indent=1, default=str))
-        return model, record_calibration_inputs(model, settings, pixel_space=True)
+        atomic_write(cache.root / "stress_variant.json", lambda tmp: tmp.write_text(json.dumps(info, indent=1, default=str)))
+        return model, cache.recording(model, settings)
 
-    variants["stress"] = stressed
+    variants = {"builtin": lambda: (base, base_batches), "stress": stressed}
     for vname in args.models:
         model, batches = variants[vname]()
+        eps = model.config.in_channels  # the output's first C channels are the noise prediction (learned variance after them)
+        held = cache.recording(model, heldout)
         refs = {}
-        for steps in args.steps:
-            c0 = time.time()
-            refs[steps] = ref = cache.reference(vname, steps, functools.partial(sample_images, model, steps, labels, seeds))
-            if cache.row(vname, "float", "fp32", steps) is None:
-                cache.put_row(
-                    _row(vname, "float", "fp32", steps, ref, ref, labels, None, (0.0, 0.0), time.time() - c0),
-                    vname,
-                    "float",
-                    "fp32",
-                    steps,
-                )
-            if args.fd_noise and cache.row(vname, "float-reseed", "fp32", steps) is None:
+        for steps, num in plan:
+            key = (vname, "float", "fp32", steps, f"n{num}", "torch")
+            s0 = time.perf_counter()
+            refs[steps] = ref = cache.samples(key, lambda: sample_images(model, steps, num))
+            if cache.row(key, protocol) is None:
+                row = {**_ident(key), **image_fields(ref, ref, num), "sample_seconds": round(time.perf_counter() - s0, 1)}
+                cache.put_row({**row, "protocol": protocol}, key)
+            if args.fd_noise and cache.row(rkey := (vname, "float-reseed", "fp32", steps, f"n{num}", "torch"), protocol) is None:
                 # the float model again with the next N seeds: how far FD moves by sampling noise alone
-                c0 = time.time()
-                other = sample_images(model, steps, labels, [s + args.num for s in seeds])
-                row = _row(vname, "float-reseed", "fp32", steps, ref, other, labels, None, (0.0, 0.0), time.time() - c0)
-                cache.put_row(row, vname, "float-reseed", "fp32", steps)
-                log(f"{vname} {steps} float-reseed: FD {row['fd']:.2f} (same seeds: {cache.row(vname, 'float', 'fp32', steps)['fd']:.2f})")
-        for spec in args.methods:
-            for precision in args.precisions:
-                todo = [s for s in args.steps if cache.row(vname, spec, precision, s) is None]
-                if not todo:
-                    continue
-                c0 = time.time()
-                recipe, tensors = calibrate(model, config_for(spec, precision, settings), batches)
-                q = quantized_model(model, recipe, tensors)
-                ctime = time.time() - c0
-                nerr = noise_error(model, q, batches)
-                log(f"{vname} {spec} {precision}: calibrated in {ctime:.1f} s, noise error {nerr[0]:.4f}")
-                for steps in todo:
-                    s0 = time.time()
-                    imgs = sample_images(q, steps, labels, seeds)
-                    row = _row(vname, spec, precision, steps, refs[steps], imgs, labels, ctime, nerr, time.time() - s0)
-                    row["deployable"] = recipe.deployable
-                    cache.put_row(row, vname, spec, precision, steps)
-                    log(f"{vname} {steps} {spec} {precision}: psnr {row['psnr_db']:.2f} dB ({row['sample_seconds']:.0f} s)")
+                other = sample_images(model, steps, num, first_seed=num)
+                cache.put_row({**_ident(rkey), **image_fields(ref, other, num), "protocol": protocol}, rkey)
+        for spec, precision in jobs:
+            keys = {(steps, num): (vname, spec, precision, steps, f"n{num}", "torch") for steps, num in plan}
+            todo = [sn for sn, k in keys.items() if cache.row(k, protocol) is None]
+            floor_keys = {sn: (*k[:-1], "onnxruntime") for sn, k in keys.items()} if (spec, precision) == args.floor else {}
+            floor_todo = [sn for sn, k in floor_keys.items() if cache.row(k, protocol) is None]
+            if not todo and not floor_todo:
+                continue
+            recipe, tensors, timing = timed_calibration(model, configs[spec, precision], batches)
+            q = quantized_model(model, recipe, tensors)
+            sqnr = metrics.sqnr_by_timestep(model, q, held, channels=eps)
+            sha = tensors_sha256(tensors)[:12]
+            common = {"deployable": recipe.deployable, "recipe_sha": sha, "float_layers": sorted(recipe.float_layers), **timing}
+            log(f"{vname} {spec} {precision}: calibrated in {timing['calib_seconds']} s (load {timing['loadavg'][0]}), "
+                f"SQNR mean {sqnr['mean_db']:.2f} dB, pooled {sqnr['pooled_db']:.2f} dB")  # fmt: skip
+            quant = {}
+            for steps, num in todo + [sn for sn in floor_todo if sn not in todo]:
+                s0 = time.perf_counter()
+                quant[steps] = imgs = cache.samples((*keys[steps, num][:-1], sha), lambda: sample_images(q, steps, num))
+                if (steps, num) in todo:
+                    row = {**_ident(keys[steps, num]), **image_fields(refs[steps], imgs, num), "sqnr": sqnr, **common,
+                           "sample_seconds": round(time.perf_counter() - s0, 1), "protocol": protocol}  # fmt: skip
+                    cache.put_row(row, keys[steps, num])
+                    log(f"{vname} {steps} {spec} {precision}: PSNR {row['psnr_db']:.2f} [{row['psnr_lo']:.2f}, {row['psnr_hi']:.2f}] dB ({row['sample_seconds']:.0f} s)")
+            if floor_todo:
+                floor_rows(cache, model, recipe, tensors, q, held, refs, quant, {sn: floor_keys[sn] for sn in floor_todo}, common, protocol)
 
 
-def _row(variant, method, precision, steps, ref, imgs, labels, ctime, nerr, seconds) -> dict:
-    return {
-        "model": variant, "method": method, "precision": precision, "steps": steps,
-        "psnr_db": metrics.paired_psnr(ref, imgs), "noise_rel_error_mean": nerr[0], "noise_rel_error_max": nerr[1],
-        "fd": metrics.fd_to_real(imgs), "class_accuracy": metrics.class_accuracy(imgs, labels),
-        "calib_seconds": None if ctime is None else round(ctime, 1), "sample_seconds": round(seconds, 1),
-    }  # fmt: skip
+def floor_rows(cache, model, recipe, tensors, q, held, refs, quant, keys, common, protocol) -> None:
+    """The floor recipe exported (fp32 ONNX, the library's export entry point) and sampled by ONNX
+    Runtime: its rows against the float model and against the same recipe run by torch."""
+    if not recipe.deployable:
+        raise SystemExit(f"the noise floor needs a deployable recipe; {recipe.method} {recipe.precision} is simulation only: choose another --floor")
+    eps = model.config.in_channels
+    with tempfile.TemporaryDirectory(prefix="quality-floor-") as tmp:
+        graph = export_model(model, Path(tmp) / "floor.onnx", recipe=recipe, tensors=tensors)
+        with open_denoiser(graph, threads=torch.get_num_threads()) as ort:
+            sqnr = metrics.sqnr_by_timestep(model, ort, held, channels=eps)
+            vs_torch = metrics.sqnr_by_timestep(q, ort, held, channels=eps)
+            batch = min(512, ort.images_per_call(guided=True) or 512)
+            for (steps, num), key in keys.items():
+                s0 = time.perf_counter()
+                imgs = cache.samples((*key[:-1], common["recipe_sha"], "onnxruntime"), lambda: sample_images(ort, steps, num, device=ort.device, batch=batch))
+                row = {**_ident(key), **image_fields(refs[steps], imgs, num), **psnr_fields(quant[steps], imgs, "floor_psnr"), "sqnr": sqnr,
+                       "floor_sqnr": vs_torch, **common, "sample_seconds": round(time.perf_counter() - s0, 1), "protocol": protocol}  # fmt: skip
+                cache.put_row(row, key)
+                log(f"{key[0]} {steps} {key[1]} {key[2]} in ONNX Runtime: PSNR {row['psnr_db']:.2f} dB vs float, {row['floor_psnr_db']:.2f} dB vs torch")
+
+
+def _ident(key: tuple) -> dict:
+    model, method, precision, steps, num, backend = key
+    return {"model": model, "method": method, "precision": precision, "steps": steps, "num": int(num[1:]), "backend": backend}
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+# ----------------------------------------------------------------------------------- the table
+
+
 def _order(rows: list[dict]) -> list[dict]:
-    steps = {"250": 0, "100": 1, "50": 2}
     prec = {"fp32": 0, **{p: i + 1 for i, p in enumerate(PRECISIONS)}}
     methods = list(dict.fromkeys(["float", "float-reseed", *METHODS, *sorted(r["method"] for r in rows)]))
-    return sorted(
-        rows,
-        key=lambda r: (
-            r["model"] != "builtin",
-            steps.get(str(r["steps"]), 9),
-            prec.get(r["precision"], 9),
-            methods.index(r["method"]),
-        ),
-    )
+    return sorted(rows, key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 9, -int(r["steps"]), r["num"],
+                                       prec.get(r["precision"], 9), methods.index(r["method"]), r["backend"] != "torch"))  # fmt: skip
+
+
+def ranks(rows: list[dict]) -> dict[int, int]:
+    """Rank of each quantized torch row (by ``id``) among the rows of the same model, steps, N and
+    precision: 1 + the number of those rows whose PSNR interval lies wholly above its own. Rows whose
+    intervals overlap are not told apart, so they can share a rank; ranks can skip."""
+    group = lambda r: (r["model"], str(r["steps"]), r["num"], r["precision"])  # noqa: E731
+    ranked = [r for r in rows if r["backend"] == "torch" and not r["method"].startswith("float")]
+    return {id(r): 1 + sum(o["psnr_lo"] > r["psnr_hi"] for o in ranked if group(o) == group(r)) for r in ranked}
 
 
 def markdown(results: dict, command: str) -> str:
@@ -220,70 +329,137 @@ def markdown(results: dict, command: str) -> str:
         "",
         (
             f"Generated by `{command}` (ditrt {results['ditrt_version']}, torch {results['torch']}, {results['machine']}). "
-            "Do not edit by hand; rows are cached per (model, method, precision, steps) and the table is rebuilt from the cache."
+            "Do not edit by hand; rows are cached per (model, method, precision, steps, N, backend) and the table is rebuilt from the cache."
         ),
         "",
         (
-            f"{results['num']} samples per row (labels cycling 0-9, seeds 0..N-1), cfg 1.5, DDPM; "
-            "calibration: 25 steps of the 250-step run x 32 samples (+ null class). "
-            "PSNR: against the float model's samples with the same seeds (higher is better; primary). "
-            "noise err: mean (max) over the 25 calibration steps of the relative L2 error of the noise prediction "
-            f"(primary). FD floor (two halves of the real digits, ~900 each): {results['fd_floor']:.2f}; FD of "
-            f"{results['num']} samples carries a small-sample bias, so compare FDs within this table only. "
-            "calib s: calibration time on the recorded inputs (the shared 250-step recording run excluded). "
+            "N samples per row (labels cycling 0-9, seeds 0..N-1), cfg 1.5, DDPM; calibration: 25 steps of the 250-step run x 32 samples "
+            f"(+ null class, seed 0). **PSNR** (primary): paired PSNR against the float model's samples with the same seeds, with its "
+            f"{CONFIDENCE:.0%} percentile bootstrap interval over samples ({RESAMPLES} resamples of N whole samples, pooled MSE). "
+            "**rank**: 1 + the number of rows (same model, steps, N and precision) whose interval lies wholly above this row's; "
+            "rows whose intervals overlap are not told apart and may share a rank. A `~` after the rank: the row's interval reaches "
+            "the noise floor's (below), so its distance from float is no larger than what executing the same recipe on another "
+            "backend changes; its rank need not carry over to deployment. "
+            f"**SQNR** (one step): 10 log10(|eps_float|^2 / |eps_q - eps_float|^2) of the noise prediction (the first C output "
+            f"channels; the learned variance is left out) on held-out inputs: 25 steps of float 250-step trajectories from seed "
+            f"{results['heldout_seed']} (32 other samples and labels than calibration's), mean over the 25 timesteps and pooled "
+            "(energies summed over all of them); per timestep in quality.json. "
+            f"FD floor (two halves of the real digits, ~900 each): {results['fd_floor']:.2f}; FD of small N carries a small-sample "
+            f"bias, so compare FDs within a (steps, N) block only (FD vs float is shown from N = {REL_FD_MIN_NUM}). "
+            "**calib s**: the calibrate call alone on the recorded inputs (recording excluded), with the 1-minute load average "
+            "of the machine right after it; `!` marks a load above this process's threads by more than 0.5, i.e. other jobs ran "
+            "on the machine meanwhile: such times are not comparable with the others (quality.json has the CPU seconds too). "
             "Rows marked (sim) are simulation only (no TensorRT format): w4a8, asymmetric or dynamic activations. "
-            "float-reseed: the float model with the next N seeds, so its FD against the float row is the spread that "
-            "sampling noise alone gives FD at this N."
+            "float-reseed: the float model with the next N seeds (FD spread from sampling noise alone)."
         ),
         "",
     ]
-    for variant in dict.fromkeys(r["model"] for r in results["rows"]):
+    rows, rank = results["rows"], ranks(results["rows"])
+    for variant in dict.fromkeys(r["model"] for r in rows):
         lines += [f"## {variant}", ""]
-        rel = results["num"] >= REL_FD_MIN_NUM  # below it the small-sample bias swamps FD differences
-        lines += [
-            "| steps | method | precision | PSNR dB | noise err mean (max) | FD |" + (" FD vs float |" if rel else "")
-            + " class acc | calib s |",
-            "|---|---|---|---|---|---|---|---|" + ("---|" if rel else ""),
-        ]  # fmt: skip
-        float_fd = {r["steps"]: r["fd"] for r in results["rows"] if r["model"] == variant and r["method"] == "float"}
-        for r in results["rows"]:
-            if r["model"] != variant:
-                continue
-            is_float = r["method"].startswith("float")
-            psnr = "ref" if r["method"] == "float" else "-" if is_float else f"{r['psnr_db']:.2f}"
-            fd_rel = f" {100 * (r['fd'] / float_fd[r['steps']] - 1):+.1f}% |" if rel and r["steps"] in float_fd else " - |" if rel else ""
-            err = "-" if is_float else f"{r['noise_rel_error_mean']:.4f} ({r['noise_rel_error_max']:.4f})"
-            prec = r["precision"] + ("" if is_float or r.get("deployable", True) else " (sim)")
-            calib = "-" if r.get("calib_seconds") is None else r["calib_seconds"]
-            lines.append(
-                f"| {r['steps']} | {r['method']} | {prec} | {psnr} | {err} | {r['fd']:.2f} |{fd_rel} {r['class_accuracy']:.3f} | {calib} |"
-            )
+        mine = [r for r in rows if r["model"] == variant]
+        floors = {(str(r["steps"]), r["num"]): r for r in mine if r["backend"] == "onnxruntime"}
+        lines += [_floor_line(f, mine) for f in floors.values()] or ["No noise-floor row measured (run with --floor)."]
+        lines += ["", "| steps | N | method | precision | PSNR dB [95% CI] | rank | SQNR mean / pooled dB | FD | FD vs float | class acc | calib s (load) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        float_fd = {(str(r["steps"]), r["num"]): r["fd"] for r in mine if r["method"] == "float"}
+        for r in mine:
+            lines.append(_table_row(r, rank.get(id(r)), floors.get((str(r["steps"]), r["num"])), float_fd.get((str(r["steps"]), r["num"]))))
         lines.append("")
     return "\n".join(lines)
 
 
+def _floor_line(f: dict, rows: list[dict]) -> str:
+    torch_row = next((r for r in rows if (r["method"], r["precision"], r["backend"], r["steps"], r["num"]) ==
+                      (f["method"], f["precision"], "torch", f["steps"], f["num"])), None)  # fmt: skip
+    vs_float = "" if torch_row is None else f" (vs float: torch {_ci(torch_row)}, ONNX Runtime {_ci(f)})"
+    return (
+        f"- **noise floor, {f['steps']} steps, N = {f['num']}**: {f['method']} {f['precision']} run by torch vs by ONNX Runtime "
+        f"(its exported fp32 graph): paired PSNR {_ci(f, 'floor_psnr')} dB between the two sample sets{vs_float}; one-step SQNR "
+        f"{f['floor_sqnr']['mean_db']:.2f} / {f['floor_sqnr']['pooled_db']:.2f} dB (mean / pooled)."
+    )
+
+
+def _ci(r: dict, prefix: str = "psnr") -> str:
+    return f"{r[f'{prefix}_db']:.2f} [{r[f'{prefix}_lo']:.2f}, {r[f'{prefix}_hi']:.2f}]"
+
+
+def _table_row(r: dict, rank: int | None, floor: dict | None, float_fd: float | None) -> str:
+    is_float = r["method"].startswith("float")
+    method = r["method"] + (" (ONNX Runtime)" if r["backend"] == "onnxruntime" else "")
+    psnr = "ref" if r["method"] == "float" else "-" if is_float else _ci(r)
+    near = floor is not None and rank is not None and r["psnr_hi"] >= floor["floor_psnr_lo"]
+    rank_s = "-" if rank is None else f"{rank}{'~' if near else ''}"
+    sqnr = f"{r['sqnr']['mean_db']:.2f} / {r['sqnr']['pooled_db']:.2f}" if "sqnr" in r else "-"
+    fd_rel = f"{100 * (r['fd'] / float_fd - 1):+.1f}%" if r["num"] >= REL_FD_MIN_NUM and float_fd else "-"
+    prec = r["precision"] + ("" if is_float or r.get("deployable", True) else " (sim)")
+    calib = "-"
+    if r.get("calib_seconds") is not None and r["backend"] == "torch":  # the floor row shares its torch row's calibration
+        load = r["loadavg"][0]
+        calib = f"{r['calib_seconds']} ({load:.1f}{'!' if load > r['threads'] + 0.5 else ''})"
+    return f"| {r['steps']} | {r['num']} | {method} | {prec} | {psnr} | {rank_s} | {sqnr} | {r['fd']:.2f} | {fd_rel} | {r['class_accuracy']:.3f} | {calib} |"
+
+
+# ----------------------------------------------------------------------------------- command line
+
+
+def _words(values: list[str]) -> list[str]:
+    return [w for v in values for w in v.split(",") if w]
+
+
+def parse_plan(nums: list[str], steps: list[str] | None) -> list[tuple[str, int]]:
+    """``[(steps, N)]`` from ``--num`` (one N, or STEPS=N pairs) and ``--steps``."""
+    per, bare = {}, None
+    for w in _words(nums):
+        k, _, v = w.rpartition("=")
+        if not v.isdigit() or int(v) < 2:
+            raise SystemExit(f"--num takes N or STEPS=N with N >= 2 (FD needs 2 samples), got {w!r}")
+        if k:
+            per[k] = int(v)
+        else:
+            bare = int(v)
+    steps = _words(steps) if steps else list(per) if per else ["250", "50"]
+    missing = [s for s in steps if s not in per and bare is None]
+    if missing:
+        raise SystemExit(f"no --num for {', '.join(missing)} steps; add {missing[0]}=N or one N for all")
+    return [(s, per.get(s, bare)) for s in steps]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--num", type=int, default=32)
-    p.add_argument("--steps", nargs="+", default=["250", "100", "50"])
-    p.add_argument("--models", nargs="+", default=["builtin", "stress"], choices=["builtin", "stress"])
+    p.add_argument("--num", nargs="+", default=["250=64", "50=256"], help="N for every --steps, or STEPS=N per step count")
+    p.add_argument("--steps", nargs="+", default=None, help="step counts [default: those of --num, else 250 50]")
+    p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS))
+    p.add_argument("--floor", default="minmax:w8a8", help="METHOD:PRECISION run in ONNX Runtime for the noise floor, or none")
+    p.add_argument("--heldout-seed", type=int, default=1, help="seed of the held-out SQNR inputs (calibration records seed 0)")
     p.add_argument("--cache", type=Path, default=Path("runs/quality-cache"))
     p.add_argument("--out", type=Path, default=Path("docs/results"))
     p.add_argument("--table-only", action="store_true", help="rebuild the table from the cache without measuring")
     p.add_argument("--fd-noise", action="store_true", help="also sample the float model with seeds N..2N-1 (FD spread)")
     args = p.parse_args()
+    plan = parse_plan(args.num, args.steps)
+    args.models, args.methods, args.precisions = _words(args.models), _words(args.methods), _words(args.precisions)
+    for what, values, known in (("--models", args.models, MODELS), ("--precisions", args.precisions, PRECISIONS)):
+        if set(values) - set(known):
+            raise SystemExit(f"{what}: unknown {', '.join(sorted(set(values) - set(known)))}; choose from {', '.join(known)}")
+    if args.heldout_seed == CalibrationSettings().seed:
+        raise SystemExit(f"--heldout-seed must differ from the calibration seed {CalibrationSettings().seed}: held-out inputs are not calibration inputs")
+    args.floor = None if args.floor == "none" else tuple(args.floor.rsplit(":", 1))
+    if args.floor is not None and (len(args.floor) != 2 or args.floor[1] not in PRECISIONS):
+        raise SystemExit(f"--floor takes METHOD:PRECISION (e.g. minmax:w8a8) or none, got {':'.join(args.floor)}")
+    protocol = {"calibration": dataclasses.asdict(CalibrationSettings()), "heldout": dataclasses.asdict(CalibrationSettings(seed=args.heldout_seed)),
+                "cfg_scale": CFG_SCALE, "confidence": CONFIDENCE, "resamples": RESAMPLES}  # fmt: skip
     if not args.table_only:
-        run(args)
+        run(args, plan, protocol)
     results = {
-        "num": args.num, "ditrt_version": __version__, "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "fd_floor": metrics.fd_floor(),
-        "rows": _order(Cache(args.cache, args.num).rows()),
+        "plan": [{"steps": s, "num": n} for s, n in plan], "ditrt_version": __version__, "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads", "fd_floor": metrics.fd_floor(),
+        "heldout_seed": args.heldout_seed, "protocol": protocol, "rows": _order(Cache(args.cache).rows(plan, protocol)),
     }  # fmt: skip
-    command = (
-        f"python bench/quality_table.py --num {args.num}{' --fd-noise' if args.fd_noise else ''}  # run in parts with --models/--methods/--precisions, then --table-only"
-    )
+    num = " ".join(f"{s}={n}" for s, n in plan)
+    command = f"python bench/quality_table.py --num {num}{' --fd-noise' if args.fd_noise else ''}  # run in parts with --models/--methods/--precisions, then --table-only"
     text = markdown(results, command)
     atomic_write(args.out / "quality.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2, default=str)))
     atomic_write(args.out / "quality.md", lambda tmp: tmp.write_text(text))
