@@ -458,6 +458,9 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads", "fd_floor": metrics.fd_floor(),
         "heldout_seed": args.heldout_seed, "protocol": protocol, "rows": _order(Cache(args.cache).rows(plan, protocol)),
     }  # fmt: skip
+    stress = Cache(args.cache).root / "stress_variant.json"
+    if any(r["model"] == "stress" for r in results["rows"]) and stress.exists():
+        results["stress_variant"] = json.loads(stress.read_text())  # the injected channels and factors (docs/stress-variant.md)
     num = " ".join(f"{s}={n}" for s, n in plan)
     command = f"python bench/quality_table.py --num {num}{' --fd-noise' if args.fd_noise else ''}  # run in parts with --models/--methods/--precisions, then --table-only"
     text = markdown(results, command)
