@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ditrt.calibrate.fallback import FallbackSettings, choose_float_layers
+from ditrt.calibrate.fallback import MAX_SKIPS, FallbackSettings, _budget, choose_float_layers
 from ditrt.calibrate.ptq import CalibrateConfig, calibrate
 from ditrt.contracts.errors import ConfigError
 from ditrt.contracts.quantizers import fake_quant_weight
@@ -72,8 +72,10 @@ def test_budget_met_where_the_full_recipe_misses_it(case, tmp_path):
     assert 1 <= len(new.float_layers) < len(recipe.layers)
     remeasured = probe_psnr(model, new, new_tensors)
     assert remeasured >= budget and remeasured == pytest.approx(report["psnr_db"], abs=1e-6)
-    # greedy: every probe before the last missed the budget, layers added in decreasing sensitivity
-    assert all(s["probe_psnr_db"] < budget for s in report["steps"][:-1] if s["probe_psnr_db"] is not None)
+    # greedy: the chosen prefix is the first probed one that meets the budget, layers in decreasing sensitivity
+    n = len(new.float_layers)
+    assert report["steps"][n]["probe_psnr_db"] == report["psnr_db"]
+    assert all(s["probe_psnr_db"] < budget for s in report["steps"][:n] if s["probe_psnr_db"] is not None)
     assert [r["layer"] for r in report["ranking"][: len(new.float_layers)]] == list(new.float_layers)
     sens = [r["sensitivity"] for r in report["ranking"]]
     assert sens == sorted(sens, reverse=True)
@@ -156,3 +158,37 @@ def test_settings_are_checked_before_any_work(case):
     for bad in ({"min_psnr": 0}, {"max_float_layers": -1}, {"probe_samples": 0}, {"probe_steps": "nope"}):
         with pytest.raises(ConfigError):
             FallbackSettings(**bad)
+
+
+class Curve:
+    """A constructed measure: k float layers give one-step error 10^(-k/10) (1 dB of SQNR per layer) and
+    probe PSNR ``psnr[k]``; it counts the probes run."""
+
+    full_error = 1.0
+
+    def __init__(self, psnr):
+        self.curve, self.probed = psnr, []
+
+    def one_step(self, floats) -> float:
+        return 10 ** (-len(floats) / 10)
+
+    def psnr(self, floats) -> float:
+        self.probed.append(len(floats))
+        return self.curve[len(floats)]
+
+
+def test_the_search_skips_probes_far_from_the_budget_and_backfills_them():
+    """0.3 dB of probe per dB of one-step SQNR, then a jump to 40 dB at 5 layers: with a 39 dB budget the
+    first steps are too far short to probe; the first probe that meets comes later, and the skipped steps
+    before it are probed top down, so the answer is still the first prefix that meets."""
+    psnr = [30 + 0.3 * k for k in range(5)] + [40.0] * 7
+    curve = Curve(psnr)
+    candidates = [{"layer": f"l{k}"} for k in range(11)]
+    chosen, steps, met, reached = _budget(curve, candidates, psnr[0], FallbackSettings(min_psnr=39.0), False)
+    assert met and chosen == ["l0", "l1", "l2", "l3", "l4"] and reached == 40.0
+    assert MAX_SKIPS == 3 and curve.probed == [4, 8, 7, 6, 5]  # the full recipe's probe is the caller's
+    assert [s["probe_psnr_db"] is None for s in steps] == [False, True, True, True, False, False, False, False, False]
+    # a probe that misses stops the back-fill: the answer is the smallest prefix of the run that meets
+    curve = Curve(psnr[:6] + [38.0] + psnr[7:])
+    chosen, _, met, _ = _budget(curve, candidates, psnr[0], FallbackSettings(min_psnr=39.0), False)
+    assert met and len(chosen) == 7 and curve.probed == [4, 8, 7, 6]
