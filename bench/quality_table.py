@@ -79,6 +79,7 @@ OPTIONS = {
     "k4": {"timestep_groups": 4},
     "mm": {"weight_search": "minmax", "act_search": "minmax"},  # min-max scales instead of the MSE clip search (non-minmax methods' default)
     "out": {"weight_search": "output", "act_search": "output"},  # scales minimising each quantized layer's output error
+    "wout": {"weight_search": "output", "act_search": "minmax"},  # output-aware weight scales, min-max activation scales
     "gptq": {"weights": "gptq"},
     "fc2": {"smooth_fc2": True},
 }
