@@ -161,7 +161,10 @@ class Method:
     name: str = ""
     summary: str = ""  # one line for --help
     settings: type = MinMaxSettings
-    default_search: str = "mse"
+    #: min-max for every method: on the built-in model (docs/results/quality.md) the MSE clip search and the
+    #: output-aware search clip the rare large activations whose errors compound along the trajectory, and
+    #: cost 5-12 dB of paired PSNR at 50 steps while improving the one-step error
+    default_search: str = "minmax"
 
     def notes(self, precision: Precision) -> list[str]:
         return []
@@ -239,7 +242,7 @@ class _Salience(Method):
 class MinMax(Method):
     """No balancing; min-max scales unless a search is asked for."""
 
-    name, settings, default_search = "minmax", MinMaxSettings, "minmax"
+    name, settings = "minmax", MinMaxSettings
     summary = "no balancing, min-max scales"
 
 

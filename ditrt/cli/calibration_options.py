@@ -52,7 +52,7 @@ METHOD_OPTIONS = {
 }
 
 _SEARCH_HELP = "min-max, PTQ4DiT's percentile clips, an MSE clip search of the tensor's own error, or the clip with the lowest layer-output error"
-_DEFAULT_SEARCH = ", ".join(f"{m.default_search} for {n}" for n, m in REGISTRY.items() if m.default_search != "mse") + ", else mse"
+_DEFAULT_SEARCH = ", ".join(sorted({m.default_search for m in REGISTRY.values()}))  # one default for every method today
 
 _OPTIONS = [
     click.option("--method", type=click.Choice(METHODS), default=_C("method"), show_default=True,

@@ -71,7 +71,7 @@ def test_searches_and_settings_reach_the_recipe(tiny_ckpt, tmp_path):
             *FAST, "--device", "cpu", "--out", tmp_path / "a")  # fmt: skip
     assert r.exit_code == 0, r.output + r.stderr
     recipe = json.loads((tmp_path / "a" / "recipe.json").read_text())
-    assert (recipe["alpha"], recipe["scale_search"], recipe["act_scale_search"]) == (0.3, "percentile", "mse")
+    assert (recipe["alpha"], recipe["scale_search"], recipe["act_scale_search"]) == (0.3, "percentile", "minmax")  # the default
     assert recipe["model_config"]["in_channels"] == 4 and recipe["details"]["balance"]["layers"] == 3 * TINY.depth
     r = run("calibrate", "--model", tiny_ckpt, "--method", "minmax", "--scale-search", "mse", *FAST, "--out", tmp_path / "b")
     assert r.exit_code == 0, r.output + r.stderr
