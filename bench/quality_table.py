@@ -81,6 +81,7 @@ OPTIONS = {
     "out": {"weight_search": "output", "act_search": "output"},  # scales minimising each quantized layer's output error
     "wout": {"weight_search": "output", "act_search": "minmax"},  # output-aware weight scales, min-max activation scales
     "gptq": {"weights": "gptq"},
+    "rtn": {"weights": "rtn"},  # round to nearest where the precision's default rounding is GPTQ (w4a16)
     "fc2": {"smooth_fc2": True},
 }
 #: parametrised suffixes: ``+fbNN`` (min_psnr NN dB), ``+flN`` (max_float_layers N), ``+aX`` (the method's alpha X)

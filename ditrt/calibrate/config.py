@@ -33,7 +33,7 @@ class CalibrateConfig:
     dynamic_activations: bool = False  # per-sample activation scales at run time (simulation only)
     reconstruct: bool = False  # BRECQ/AdaRound block reconstruction after the scales
     reconstruct_iters: int | None = None  # per block; None: ReconstructSettings' default
-    weights: str = "rtn"  # weight rounding (WEIGHT_ROUNDINGS): round to nearest, or GPTQ's error compensation
+    weights: str | None = None  # weight rounding (WEIGHT_ROUNDINGS): rtn or gptq; None: the precision's default_weights
     smooth_fc2: bool = False  # balancing methods also smooth fc2, by a run-time per-channel Mul on the GELU output
     min_psnr: float | None = None  # leave the most sensitive layers in float until the paired probe reaches this PSNR
     max_float_layers: int | None = None  # at most this many layers left in float (alone: exactly the N most sensitive)
@@ -65,7 +65,9 @@ class CalibrateConfig:
         if self.smooth_fc2 and type(self.strategy).balance is Method.balance:
             raise ConfigError(f"--smooth-fc2 smooths with a balancing method's factors, and {self.method} does not balance; "
                               "use smoothquant, ptq4dit or ditas")  # fmt: skip
-        if self.weights not in WEIGHT_ROUNDINGS:
+        if self.smooth_fc2 and self.reconstruct:
+            raise ConfigError("--smooth-fc2 with --reconstruct is not supported yet (reconstruction does not learn through the run-time divisor); drop one")
+        if self.weights is not None and self.weights not in WEIGHT_ROUNDINGS:
             raise ConfigError(f"weight rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, got {self.weights!r}")
         if self.min_psnr is not None and not (0 < self.min_psnr < 200):
             raise ConfigError(f"--min-psnr is a paired PSNR in dB and must lie in (0, 200), got {self.min_psnr}")
@@ -83,6 +85,11 @@ class CalibrateConfig:
     def settings(self):
         """The method's settings: ``method_settings`` or the method's defaults."""
         return self.method_settings if self.method_settings is not None else self.strategy.settings()
+
+    @property
+    def weight_rounding(self) -> str:
+        """``weights``, or the precision's default (:attr:`ditrt.contracts.precisions.Precision.default_weights`)."""
+        return self.weights or get_precision(self.precision).default_weights
 
     @property
     def weight_scale_search(self) -> str:

@@ -6,7 +6,8 @@ tensors, ModelOpt's ``quantize(model, config, forward_loop)`` shape. The method 
 :mod:`ditrt.calibrate.methods` that owns its settings (``config.method_settings``); the procedure asks
 it for the steps it takes and never branches on its name. Balancing is folded into the weights
 offline (PTQ4DiT's re-parameterization), so the recipe's float model computes exactly what the
-original computes and nothing is left for run time.
+original computes and nothing is left for run time, except, with ``smooth_fc2``, a per-channel
+multiply by 1/d on each fc2 input (``quant.L.input_divisor``).
 
 Several processes (``torchrun``; pass their ``world``) compute the recipe a single process computes,
 bit for bit: the observation passes run in fixed row slices (:data:`ditrt.calibrate.observe.OBSERVE_ROWS`)
@@ -133,7 +134,7 @@ def calibrate(model: nn.Module, config: CalibrateConfig, forward_loop: list[Cali
         tensors[f"quant.{name}.weight_scale"] = scale
         if zp is not None:
             tensors[f"quant.{name}.weight_zero_point"] = zp
-    if config.weights == "gptq":  # Hessian-compensated rounding on the same grids, written back on the grid
+    if config.weight_rounding == "gptq":  # Hessian-compensated rounding on the same grids, written back on the grid
         from ditrt.calibrate.gptq import gptq_weights
 
         scales = {n: tensors[f"quant.{n}.weight_scale"] for n in layers}
@@ -159,7 +160,7 @@ def calibrate(model: nn.Module, config: CalibrateConfig, forward_loop: list[Cali
         alpha=getattr(config.settings, "alpha", None), calibration=config.calibration,
         balanced_layers=balanced.layers if balanced is not None else (), layer_block_sizes=searched or {},
         timestep_group_edges=edges, dynamic_activations=config.dynamic_activations, details=details, notes=tuple(notes),
-        weight_rounding=config.weights, runtime_smoothed=tuple(runtime),
+        weight_rounding=config.weight_rounding, runtime_smoothed=tuple(runtime),
     )  # fmt: skip
     if config.reconstruct:
         recipe, tensors = _reconstruct(model, recipe, tensors, batches, config, device, progress=world.is_main)

@@ -91,7 +91,8 @@ _OPTIONS = [
     click.option("--reconstruct-iters", type=int, default=None,
                  help="Reconstruction iterations per block, with --reconstruct [default: ReconstructSettings']."),
     click.option("--weights", type=click.Choice(WEIGHT_ROUNDINGS), default=None,
-                 help=f"Weight rounding: rtn (round to nearest) or gptq (Hessian-compensated, on the same grids) [default: {_C('weights')}]."),
+                 help="Weight rounding: rtn (round to nearest) or gptq (Hessian-compensated, on the same grids) [default: "
+                      + ", ".join(f"{p.default_weights} at {p.name}" for p in PRECISIONS.values()) + "]."),
     click.option("--smooth-fc2", is_flag=True, default=_C("smooth_fc2"),
                  help="Balancing methods also smooth fc2 (a run-time per-channel Mul on the GELU output, exported before its Q)."),
     click.option("--min-psnr", type=float, default=None,
@@ -208,6 +209,6 @@ def calibrate_config_from_options(**options) -> CalibrateConfig:
         method=method, precision=precision, method_settings=method_settings, weight_search=weight_search, act_search=act_search,
         quantize_all=bool(o["quantize_all"]), symmetric=not o["asymmetric"], block_size=block, timestep_groups=groups,
         dynamic_activations=bool(o["dynamic_activations"]), reconstruct=bool(o["reconstruct"]),
-        reconstruct_iters=o["reconstruct_iters"], calibration=settings, weights=o["weights"] or _C("weights"),
+        reconstruct_iters=o["reconstruct_iters"], calibration=settings, weights=o["weights"],
         smooth_fc2=bool(o["smooth_fc2"]), min_psnr=o["min_psnr"], max_float_layers=o["max_float_layers"],
     )  # fmt: skip

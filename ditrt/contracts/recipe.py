@@ -8,6 +8,14 @@ A recipe directory holds
   ``quant.L.weight_scale`` and, with activation quantization, ``quant.L.input_scale``
   (``quant.L.weight_zero_point`` / ``quant.L.input_zero_point`` only in asymmetric, simulation-only
   recipes).
+  For the layers in :attr:`Recipe.runtime_smoothed` (each block's fc2 with ``--smooth-fc2``),
+  ``model.L.weight`` holds ``W * d`` (input columns) and ``quant.L.input_divisor`` (in,) float32 holds
+  ``d``: the float computation multiplies L's input by ``1 / d`` first
+  (:func:`ditrt.models.quantized.folded_float_model`), so ``model.*`` alone is not the original model for
+  those layers; the export writes that multiply as one Mul ahead of L's QuantizeLinear. Layers in
+  :attr:`Recipe.float_layers` were left in float by the sensitivity fallback: they are not in
+  ``layers``, have no ``quant.L.*`` and export without Q/DQ. With ``weight_rounding == "gptq"`` (or
+  ``reconstructed``) ``model.L.weight`` of a quantized layer is on its grid (``q * scale``).
 
 Quantizer semantics, shared by the torch simulation and the ONNX Q/DQ export:
 ``q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax)``, ``x_hat = (q - zero_point) * scale``

@@ -116,7 +116,7 @@ def test_no_balance_record_where_nothing_was_balanced(tiny, tiny_batches):
 def test_recipes_are_those_made_before_the_redesign(tiny, tiny_batches, name, tmp_path):
     before = json.loads((DATA / f"{name}.json").read_text())
     method, precision = name.split("-")[1:]
-    recipe, tensors = _run(tiny, tiny_batches, method=method, precision=precision, weight_search="mse", act_search="mse")  # their default then
+    recipe, tensors = _run(tiny, tiny_batches, method=method, precision=precision, weight_search="mse", act_search="mse", weights="rtn")  # defaults then
     save_recipe(recipe, tensors, tmp_path)
     after = json.loads((tmp_path / "recipe.json").read_text())
     assert after["details"].pop("balance")["skipped_channels"] == 0  # a field added later
