@@ -1,11 +1,12 @@
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from ditrt.contracts.model_config import DiTConfig
+from ditrt.contracts.model_config import CONFIGS, DiTConfig
 from ditrt.models.dit import DiT
 
 
@@ -32,22 +33,76 @@ def tiny_dit() -> DiT:
     return random_dit(TINY)
 
 
+#: The random DiTs every test folder shares (:func:`random_dit`, seed 0): TINY and the built-in model's shape.
+SHARED = {"tiny": TINY, "digits": CONFIGS["ditrt-digits"]}
+
+
 @pytest.fixture(scope="session")
-def tiny_artifacts(tmp_path_factory):
-    """A tiny random 4-channel (DiT-XL/2-style latent) model as every artifact a user opens: a ditrt
-    checkpoint, a W8A8 recipe folder (absmax scales) and an exported float graph. Read-only for tests."""
-    from ditrt.contracts.recipe import save_recipe
-    from ditrt.export import export_onnx
-    from ditrt.models.checkpoints import save_ditrt_checkpoint
+def models() -> dict[str, DiT]:
+    """name -> a random DiT of :data:`SHARED` (read-only: tests that change weights make their own)."""
+    return {name: random_dit(cfg) for name, cfg in SHARED.items()}
+
+
+@pytest.fixture(scope="session")
+def recipes(models):
+    """(model name, precision) -> (recipe, tensors), absmax scales, every Linear quantized; made once."""
     from tests.export.recipes import absmax_recipe
 
-    torch.set_num_threads(1)
+    cache = {}
+
+    def get(name: str, precision: str):
+        if (name, precision) not in cache:
+            cache[name, precision] = absmax_recipe(models[name], precision)
+        return cache[name, precision]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(models, recipes, tmp_path_factory):
+    """(model name, precision, dtype) -> path of the exported graph, precision "float" or a recipe's;
+    each graph is exported once per session (seconds each) and is read-only for tests."""
+    from ditrt.export import export_onnx
+
+    cache = {}
+    root = tmp_path_factory.mktemp("onnx")
+
+    def get(name: str, precision: str = "float", dtype: str = "fp32"):
+        key = (name, precision, dtype)
+        if key not in cache:
+            torch.set_num_threads(1)
+            kw = {} if precision == "float" else dict(zip(("recipe", "tensors"), recipes(name, precision)))
+            cache[key] = export_onnx(models[name], root / f"{name}-{precision}-{dtype}.onnx", dtype=dtype, **kw)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(models, recipes, exported, tmp_path_factory):
+    """The tiny random 4-channel (DiT-XL/2-style latent) model as every artifact a user opens, in one
+    folder: a ditrt checkpoint, a W8A8 recipe folder (absmax scales) and its float graph (a copy of
+    ``exported("tiny")``). Read-only for tests."""
+    from ditrt.contracts.recipe import save_recipe
+    from ditrt.models.checkpoints import save_ditrt_checkpoint
+
     root = tmp_path_factory.mktemp("artifacts")
-    model = random_dit(TINY)
+    model = models["tiny"]
     save_ditrt_checkpoint(model, root / "m.safetensors")
-    recipe, tensors = absmax_recipe(model, "w8a8")
-    save_recipe(recipe, tensors, root / "recipe")
-    return {"model": model, "root": root, "ckpt": root / "m.safetensors", "recipe": root / "recipe", "onnx": export_onnx(model, root / "m.onnx")}
+    save_recipe(*recipes("tiny", "w8a8"), root / "recipe")
+    shutil.copyfile(exported("tiny"), root / "m.onnx")
+    return {"model": model, "root": root, "ckpt": root / "m.safetensors", "recipe": root / "recipe", "onnx": root / "m.onnx"}
+
+
+@pytest.fixture(scope="session")
+def digits_ckpt(models, tmp_path_factory):
+    """``models["digits"]`` (the built-in model's shape, random weights) saved as a ditrt checkpoint; its
+    float graph is ``exported("digits")``."""
+    from ditrt.models.checkpoints import save_ditrt_checkpoint
+
+    path = tmp_path_factory.mktemp("digits") / "digits.safetensors"
+    save_ditrt_checkpoint(models["digits"], path)
+    return path
 
 
 def run_torchrun(nproc: int, *ditrt_args, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -2,14 +2,14 @@ import pytest
 import torch
 
 from ditrt.models.checkpoints import save_ditrt_checkpoint
-from tests.conftest import TINY, random_dit
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    """A tiny random 4-channel (DiT-XL/2-style latent) model saved as a ditrt checkpoint."""
+def tiny_ckpt(models, tmp_path_factory):
+    """The tiny random 4-channel (DiT-XL/2-style latent) model ``models["tiny"]`` saved as a ditrt checkpoint
+    (its float graph is ``exported("tiny")``, tests/conftest.py)."""
     p = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_ditrt_checkpoint(random_dit(TINY), p)
+    save_ditrt_checkpoint(models["tiny"], p)
     return p
 
 

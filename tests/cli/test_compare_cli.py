@@ -5,26 +5,21 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from ditrt.cli import main
 from ditrt.contracts.model_config import CONFIGS
 from ditrt.models.checkpoints import save_ditrt_checkpoint
-from tests.conftest import TINY, random_dit
+from tests.conftest import random_dit
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    from ditrt.export import export_onnx
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("cmp")
-    model = random_dit(CONFIGS["ditrt-digits"], std=0.03)
-    save_ditrt_checkpoint(model, root / "m.safetensors")
-    save_ditrt_checkpoint(random_dit(CONFIGS["ditrt-digits"], seed=5, std=0.03), root / "other.safetensors")
-    return {"ckpt": root / "m.safetensors", "other": root / "other.safetensors", "onnx": export_onnx(model, root / "m.onnx"),
-            "latent": export_onnx(random_dit(TINY), root / "latent.onnx")}  # fmt: skip
+def files(digits_ckpt, exported, tmp_path_factory):
+    """A random DiT of the built-in shape (checkpoint and float graph), another one, and a 4-channel graph
+    (the suite's, tests/conftest.py)."""
+    other = tmp_path_factory.mktemp("cmp") / "other.safetensors"
+    save_ditrt_checkpoint(random_dit(CONFIGS["ditrt-digits"], seed=5, std=0.03), other)
+    return {"ckpt": digits_ckpt, "other": other, "onnx": exported("digits"), "latent": exported("tiny")}
 
 
 def _args(files, *extra):
@@ -84,20 +79,13 @@ def test_bad_options_are_one_line_errors_before_work(files, tmp_path, extra, mes
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "in.json").exists()
 
 
-def test_the_check_defaults_to_the_precision_registrys_parity_tolerance(tmp_path):
+def test_the_check_defaults_to_the_precision_registrys_parity_tolerance(tiny_artifacts, exported):
     """A W8A8 graph against its recipe's simulation is judged as the registry says (the mean error within 1e-2:
     INT8 rounding flips cascade through the blocks), and --atol/--rtol/--error-stat override it."""
     from ditrt.contracts.precisions import get_precision
-    from ditrt.contracts.recipe import save_recipe
-    from ditrt.export import export_onnx
-    from tests.export.recipes import absmax_recipe
 
-    torch.set_num_threads(1)
-    model = random_dit(TINY)
-    recipe, tensors = absmax_recipe(model, "w8a8")
-    save_recipe(recipe, tensors, tmp_path / "r")
-    graph = export_onnx(model, tmp_path / "q.onnx", recipe=recipe, tensors=tensors)
-    base = ["compare", "--recipe", str(tmp_path / "r"), "--onnx", str(graph), "--steps", "5", "--timesteps", "2", "--json"]
+    recipe, graph = tiny_artifacts["recipe"], exported("tiny", "w8a8")  # absmax scales of every Linear of the tiny DiT
+    base = ["compare", "--recipe", str(recipe), "--onnx", str(graph), "--steps", "5", "--timesteps", "2", "--json"]
     r = CliRunner().invoke(main, base)
     c = json.loads(r.stdout)["comparisons"][0]
     want = get_precision("w8a8").parity

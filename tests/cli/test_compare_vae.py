@@ -8,10 +8,9 @@ from click.testing import CliRunner
 from ditrt.cli import main
 
 
-def test_compare_a_latent_graph_as_decoded_images(tmp_path, tiny_ckpt, vae_dir):
-    r = CliRunner().invoke(main, ["export", "--model", str(tiny_ckpt), "--out", str(tmp_path / "m.onnx")])
-    assert r.exit_code == 0, r.output
-    args = ["compare", "--model", str(tiny_ckpt), "--onnx", str(tmp_path / "m.onnx"), "--steps", "3", "--timesteps", "2", "--device", "cpu"]
+def test_compare_a_latent_graph_as_decoded_images(tiny_artifacts, vae_dir):
+    ckpt, graph = tiny_artifacts["ckpt"], tiny_artifacts["onnx"]  # the tiny latent DiT and its float graph (tests/conftest.py)
+    args = ["compare", "--model", str(ckpt), "--onnx", str(graph), "--steps", "3", "--timesteps", "2", "--device", "cpu"]
     r = CliRunner().invoke(main, [*args, "--vae", str(vae_dir), "--images", "2", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)

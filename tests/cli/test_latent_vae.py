@@ -10,15 +10,14 @@ from click.testing import CliRunner
 from ditrt.cli import main
 
 
-def test_sample_a_latent_graph_and_decode_it_with_a_local_vae(tmp_path, tiny_ckpt, vae_dir, monkeypatch):
+def test_sample_a_latent_graph_and_decode_it_with_a_local_vae(tmp_path, tiny_artifacts, vae_dir, monkeypatch):
     import ditrt.runtime.vae as vae_module
 
     loads = []
     real = vae_module.load_vae
     monkeypatch.setattr(vae_module, "load_vae", lambda *a, **kw: loads.append(a) or real(*a, **kw))
-    r = CliRunner().invoke(main, ["export", "--model", str(tiny_ckpt), "--out", str(tmp_path / "m.onnx")])
-    assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, ["sample", str(tmp_path / "m.onnx"), "--vae", str(vae_dir), "--steps", "3", "--num", "3",
+    graph = tiny_artifacts["onnx"]  # the tiny latent DiT's float graph (tests/conftest.py)
+    r = CliRunner().invoke(main, ["sample", str(graph), "--vae", str(vae_dir), "--steps", "3", "--num", "3",
                                   "--batch-size", "1", "--out", str(tmp_path / "s")])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert loads == [(vae_dir, "cpu")]  # once for the run's three chunks

@@ -12,24 +12,20 @@ from ditrt.cli import main
 from ditrt.compare.accuracy import compare_runners, output_stats
 from ditrt.compare.inputs import load_feeds, record_feeds, save_feeds
 from ditrt.compare.runners import DenoiserRunner
-from ditrt.contracts.model_config import CONFIGS
-from ditrt.models.checkpoints import save_ditrt_checkpoint
-from tests.conftest import random_dit
 
 SHAPE = (1, 8, 8)
 POLYGRAPHY = str(Path(sys.executable).with_name("polygraphy"))  # the console script installed beside this python
 
 
 @pytest.fixture(scope="module")
-def model():
-    return random_dit(CONFIGS["ditrt-digits"], std=0.03)
+def model(models):
+    """A random DiT of the built-in model's shape (the suite's: tests/conftest.py, with its checkpoint and graph)."""
+    return models["digits"]
 
 
 @pytest.fixture(scope="module")
-def ckpt(model, tmp_path_factory):
-    p = tmp_path_factory.mktemp("m") / "m.safetensors"
-    save_ditrt_checkpoint(model, p)
-    return p
+def ckpt(digits_ckpt):
+    return digits_ckpt
 
 
 def test_output_stats_on_known_values():
@@ -62,10 +58,8 @@ def test_comparator_sees_a_perturbed_denoiser(model):
     assert not diff["passed"] and 0.01 < diff["outputs"]["out"]["rel_l2"] < 0.5 and len(diff["per_feed"]) == 2
 
 
-def test_cli_compare_onnx_vs_torch_and_per_layer_json(ckpt, model, tmp_path):
-    from ditrt.export import export_onnx
-
-    onnx_path = export_onnx(model, tmp_path / "m.onnx", dtype="fp32")
+def test_cli_compare_onnx_vs_torch_and_per_layer_json(ckpt, exported, tmp_path):
+    onnx_path = exported("digits")  # the float32 graph of `model`
     r = CliRunner().invoke(main, ["compare", "--model", str(ckpt), "--onnx", str(onnx_path), "--steps", "10", "--timesteps", "2",
                                   "--json", "--save-inputs", str(tmp_path / "inputs.json")])  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -81,12 +75,10 @@ def test_cli_compare_onnx_vs_torch_and_per_layer_json(ckpt, model, tmp_path):
     assert "first node over 0.01: none" in r.output and "tensors compared" in r.output
 
 
-def test_polygraphy_run_with_the_shipped_data_loader(tmp_path):
+def test_polygraphy_run_with_the_shipped_data_loader(exported):
+    """The loader's inputs (the built-in model's own sampling run) fit a graph of the built-in model's shape."""
     import ditrt.compare.polygraphy_data_loader as loader
-    from ditrt.export import export_onnx
-    from ditrt.models.builtin import load_model
 
-    onnx_path = export_onnx(load_model("builtin"), tmp_path / "b.onnx", dtype="fp32")
-    p = subprocess.run([POLYGRAPHY, "run", str(onnx_path), "--onnxrt", "--data-loader-script", loader.__file__],
+    p = subprocess.run([POLYGRAPHY, "run", str(exported("digits")), "--onnxrt", "--data-loader-script", loader.__file__],
                        capture_output=True, text=True)  # fmt: skip
     assert p.returncode == 0 and "PASSED" in p.stdout + p.stderr, p.stdout[-2000:] + p.stderr[-2000:]

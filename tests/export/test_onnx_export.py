@@ -88,16 +88,18 @@ def test_metadata_records_version_config_and_precision(models, exported):
     assert not any(k.startswith("ditrt.recipe") for k in meta)
 
 
-def test_export_is_reproducible_and_leaves_no_temp_files(models, tmp_path):
-    a = export_onnx(models["tiny"], tmp_path / "a.onnx")
+def test_export_is_reproducible_and_leaves_no_temp_files(models, exported, tmp_path):
+    a = exported("tiny")  # exported once for the session, into another folder under another name
     b = export_onnx(models["tiny"], tmp_path / "sub" / "b.onnx")
     assert a.read_bytes() == b.read_bytes()  # no stack traces or local paths in the graph
-    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["a.onnx", "b.onnx"]
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["b.onnx"]
+    assert all(p.suffix == ".onnx" for p in a.parent.iterdir())
 
 
-def test_failed_export_leaves_the_previous_file(models, tmp_path, monkeypatch):
-    path = export_onnx(models["tiny"], tmp_path / "m.onnx")
-    before = path.read_bytes()
+def test_failed_export_leaves_the_previous_file(models, exported, tmp_path, monkeypatch):
+    before = exported("tiny").read_bytes()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(before)  # a previous export there
 
     def broken_save(*args, **kwargs):
         raise OSError("disk full")

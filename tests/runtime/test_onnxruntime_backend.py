@@ -1,5 +1,7 @@
 """The ONNX Runtime denoiser: parity with torch, the sampler loop, fused int8/int4 kernels, errors."""
 
+import re
+
 import onnx
 import pytest
 import torch
@@ -7,7 +9,6 @@ import torch
 from ditrt.contracts.errors import ArtifactError, ConfigError, InputError, MissingDependencyError
 from ditrt.contracts.spec import DiTSpec
 from ditrt.diffusion.sampler import SamplerConfig, sample
-from ditrt.export import export_onnx
 from ditrt.models.quantized import quantized_model
 from ditrt.runtime.onnxruntime_backend import (
     OnnxRuntimeDenoiser,
@@ -18,8 +19,8 @@ from ditrt.runtime.onnxruntime_backend import (
     resolve_providers,
 )
 from ditrt.runtime.torch_backend import TorchDenoiser
-from tests.conftest import TINY, random_dit
-from tests.export.recipes import absmax_recipe, rel_l2
+from tests.conftest import TINY
+from tests.export.recipes import rel_l2
 
 
 @pytest.fixture(autouse=True)
@@ -28,19 +29,17 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def model():
-    return random_dit(TINY)
+def model(models):
+    return models["tiny"]
 
 
 @pytest.fixture(scope="module")
-def graphs(model, tmp_path_factory):
-    """precision -> (path, recipe, tensors) for TINY: float32, w8a8 and w4a16 (every Linear quantized)."""
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("ort")
-    out = {"fp32": (export_onnx(model, root / "fp32.onnx"), None, None)}
+def graphs(exported, recipes):
+    """precision -> (path, recipe, tensors) for TINY: float32, w8a8 and w4a16 (every Linear quantized; the
+    suite's graphs, tests/conftest.py)."""
+    out = {"fp32": (exported("tiny"), None, None)}
     for precision in ("w8a8", "w4a16"):
-        recipe, tensors = absmax_recipe(model, precision)
-        out[precision] = (export_onnx(model, root / f"{precision}.onnx", recipe=recipe, tensors=tensors), recipe, tensors)
+        out[precision] = (exported("tiny", precision), *recipes("tiny", precision))
     return out
 
 
@@ -88,7 +87,8 @@ def test_session_settings(graphs):
 def test_inputs_of_the_wrong_shape_or_type_are_refused(graphs):
     d = OnnxRuntimeDenoiser(graphs["fp32"][0], threads=1)
     x, t, y = DiTSpec(TINY).sample_inputs(2)
-    with pytest.raises(InputError, match=r"input x has shape \(2, 4, 4, 4\) but fp32.onnx expects \('batch', 4, 8, 8\)"):
+    name = re.escape(graphs["fp32"][0].name)
+    with pytest.raises(InputError, match=rf"input x has shape \(2, 4, 4, 4\) but {name} expects \('batch', 4, 8, 8\)"):
         d(x[:, :, :4, :4], t, y)
     with pytest.raises(InputError, match="share one batch size"):
         d(x, t[:1], y)
