@@ -17,10 +17,10 @@ the run makes (:func:`engine_build_config`): sampling chunks of ``min(num, batch
 optimal batch) and the comparison inputs' rows; every chunk size comes from the engine's profile
 (:func:`sampling_batch`).
 
-Speed (:func:`speed_comparison`): the float model is exported too, in the float type of the quantized
+Speed (:func:`ditrt.compare.speed.speed_comparison`): the float model is exported too, in the float type of the quantized
 graph (``float/model.onnx``, or ``float/model-fp16.onnx`` with a float16 engine from it, built with the
 quantized engine's build settings), opened with the same backend on the same device, and both are
-timed side by side on the comparison inputs (:func:`time_side_by_side`): ``speed`` in the report, the
+timed side by side on the comparison inputs (:func:`ditrt.compare.speed.time_side_by_side`): ``speed`` in the report, the
 one like-for-like speed figure. The sampling wall times beside it compare two different executors
 (torch float against the quantized backend, sampler included) and are labelled so. Cost: one more
 dynamo export (seconds on the built-in model; on DiT-XL/2 ``bench/results/export_scale.md`` measured
@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -50,14 +49,13 @@ import torch
 
 from ditrt import __version__
 from ditrt.calibrate.config import CalibrateConfig
+from ditrt.compare.speed import speed_comparison, speed_line
 from ditrt.contracts.errors import ConfigError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
 DIGITS_SHAPE = (1, 8, 8)  # what the built-in evaluator (FD, class accuracy) measures
-SPEED_WARMUP = 1  # untimed passes over the comparison inputs before the float vs quantized timing
-SPEED_REPEATS = 3  # timed passes; the report gives the median (and the range) of their ms per call
 
 
 @dataclass(frozen=True)
@@ -392,7 +390,7 @@ def _export(model, recipe, tensors, dtype: str, out_dir: Path, clock) -> tuple[P
 def _speed(model, dtype: str, opened, feeds: list, build, config: PipelineConfig, out_dir: Path, files: _Files, report: dict, clock, echo) -> None:
     """The last stage: the float model exported in the quantized graph's float type (no recipe), with
     TensorRT built into a float engine with the quantized engine's ``build`` settings, then
-    :func:`speed_comparison` on the comparison inputs."""
+    :func:`ditrt.compare.speed.speed_comparison` on the comparison inputs."""
     from ditrt.export.onnx_export import export_model
 
     echo(f"[7/7] exporting the float {dtype} graph" + (" and building its engine with the same settings" if build else "")
@@ -460,76 +458,6 @@ def _build_float(float_graph: Path, out_dir: Path, config: PipelineConfig, build
     if build.timing_cache is not None and build.timing_cache.exists():
         files.add(build.timing_cache)
     return engine
-
-
-def speed_comparison(float_artifact, opened, feeds: list, *, onnx=None, out_dir: Path | None = None,
-                     warmup: int = SPEED_WARMUP, repeats: int = SPEED_REPEATS) -> dict:  # fmt: skip
-    """The quantized backend ``opened`` against the float model's ``float_artifact`` (a graph, or an engine
-    built from the graph ``onnx``), opened with the same backend on ``opened.device`` with the same
-    settings, timed side by side on ``feeds`` (:func:`time_side_by_side`). ``ratio``: float ms / quantized
-    ms per call (> 1: the quantized graph is faster). ``out_dir``: artifacts are named relative to it."""
-    from ditrt.runtime.open import open_denoiser
-
-    def name(path) -> str:
-        inside = out_dir is not None and Path(path).resolve().is_relative_to(Path(out_dir).resolve())
-        return str(Path(path).resolve().relative_to(Path(out_dir).resolve())) if inside else Path(path).name
-
-    with open_denoiser(float_artifact, device=opened.device, **({"onnx": onnx} if onnx is not None else {})) as floating:
-        timed = time_side_by_side(floating.denoiser, opened.denoiser, feeds, device=opened.device, warmup=warmup, repeats=repeats)
-        sides = {"float": floating, "quantized": opened}
-        per_side = {k: {"backend": o.backend, "device": o.device, "artifact": name(o.source), **timed.pop(k)} for k, o in sides.items()}
-    settings = ("ONNX Runtime's default threads for both sessions" if opened.backend == "onnxruntime"
-                else "eager engine launches (no CUDA graph), one stream each, synchronised after every call")  # fmt: skip
-    how = (f"median over {repeats} passes of the {len(feeds)} recorded comparison inputs (one call each), float and quantized "
-           f"calls alternating (which goes first swaps every pass), after {warmup} untimed pass(es); {settings}; "
-           "a call includes the input and output copies both backends make")  # fmt: skip
-    return {"backend": opened.backend, "device": opened.device, "ms_per_call_float": per_side["float"]["ms_per_call"],
-            "ms_per_call_quantized": per_side["quantized"]["ms_per_call"], "ratio": timed["ratio"], "ratio_is": "float ms / quantized ms",
-            "rows_per_call": timed["rows_per_call"], "calls_per_pass": len(feeds), **per_side, "how": how}  # fmt: skip
-
-
-def time_side_by_side(float_denoiser, quantized_denoiser, feeds: list, *, device: str = "cpu", warmup: int = SPEED_WARMUP,
-                      repeats: int = SPEED_REPEATS) -> dict:  # fmt: skip
-    """Per-call latency of two ``(x, t, y)`` denoisers on the same feeds (``{"x", "t", "y"}`` numpy
-    arrays of one batch size, put on ``device`` once): ``warmup`` untimed passes, then ``repeats`` timed
-    passes in which each feed is given to both, one after the other, the first of the pair swapping
-    every pass (load from other processes falls on both alike). On CUDA every call is synchronised.
-    Returns ``{"float": {...}, "quantized": {...}}`` (``ms_per_call``: the median pass's mean,
-    ``ms_range``: the fastest and slowest pass) with ``ratio`` (float / quantized) and ``rows_per_call``."""
-    from ditrt.contracts.errors import InputError
-
-    rows = {len(f["x"]) for f in feeds}
-    if len(rows) != 1 or repeats < 1 or warmup < 0:
-        raise InputError(f"timing needs feeds of one batch size and at least one pass, got rows {sorted(rows)} and {repeats} passes")
-    calls = [tuple(torch.from_numpy(np.asarray(f[k])).to(device) for k in ("x", "t", "y")) for f in feeds]
-    pair = {"float": float_denoiser, "quantized": quantized_denoiser}
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda *_: None)
-    with torch.no_grad():  # as the sampler calls them
-        for _ in range(warmup):
-            for args in calls:
-                for run in pair.values():
-                    run(*args)
-        sync(device)
-        passes: dict[str, list[float]] = {"float": [], "quantized": []}
-        for r in range(repeats):
-            order = ("float", "quantized") if r % 2 == 0 else ("quantized", "float")
-            spent = dict.fromkeys(order, 0.0)
-            for args in calls:
-                for side in order:
-                    start = time.perf_counter()
-                    pair[side](*args)
-                    sync(device)
-                    spent[side] += time.perf_counter() - start
-            for side in order:
-                passes[side].append(1000 * spent[side] / len(calls))
-    out = {side: {"ms_per_call": statistics.median(ms), "ms_range": [min(ms), max(ms)]} for side, ms in passes.items()}
-    return {**out, "ratio": out["float"]["ms_per_call"] / out["quantized"]["ms_per_call"], "rows_per_call": rows.pop()}
-
-
-def speed_line(speed: dict) -> str:
-    """The report's one-line speed figure."""
-    return (f"quantized vs float on {speed['backend']}: {speed['ratio']:.2f}x ({speed['ms_per_call_quantized']:.2f} ms vs "
-            f"{speed['ms_per_call_float']:.2f} ms per call of {speed['rows_per_call']} rows)")  # fmt: skip
 
 
 def _sample(denoiser, cfg, config: PipelineConfig, labels, seeds, pixel, batch: int, device: str):
