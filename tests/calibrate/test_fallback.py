@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ditrt.calibrate.fallback import MAX_SKIPS, FallbackSettings, _budget, choose_float_layers
+from ditrt.calibrate.fallback import MAX_SKIPS, SENSITIVITIES, FallbackSettings, _budget, choose_float_layers
 from ditrt.calibrate.ptq import CalibrateConfig, calibrate
 from ditrt.contracts.errors import ConfigError
 from ditrt.contracts.quantizers import fake_quant_weight
@@ -85,9 +85,11 @@ def test_budget_met_where_the_full_recipe_misses_it(case, tmp_path):
     assert loaded.float_layers == new.float_layers and loaded.layers == new.layers
 
 
-def test_max_float_layers_alone_leaves_the_n_most_sensitive(case):
+@pytest.mark.parametrize("kind", SENSITIVITIES)
+def test_max_float_layers_alone_leaves_the_n_most_sensitive(case, kind):
     model, recipe, tensors, weights, _ = case
-    new, new_tensors, report = choose_float_layers(model, recipe, tensors, weights, dataclasses.replace(PROBE, max_float_layers=3))
+    settings = dataclasses.replace(PROBE, max_float_layers=3, sensitivity=kind)
+    new, new_tensors, report = choose_float_layers(model, recipe, tensors, weights, settings)
     ranking = report["ranking"]
     assert list(new.float_layers) == [r["layer"] for r in ranking[:3]] and len(ranking) == len(recipe.layers)
     assert [new.float_layers[r["layer"]]["rank"] for r in ranking[:3]] == [1, 2, 3]
@@ -98,10 +100,14 @@ def test_max_float_layers_alone_leaves_the_n_most_sensitive(case):
         CalibrationSettings(steps="10", timesteps=2, samples=4, seed=1000),
     )
     for row in (ranking[0], ranking[-1]):
-        without = dataclasses.replace(recipe, layers=tuple(n for n in recipe.layers if n != row["layer"]))
-        assert one_step_error(model, recipe, tensors, held_out) - one_step_error(model, without, tensors, held_out) == pytest.approx(
-            row["sensitivity"], rel=1e-4, abs=1e-9)  # fmt: skip
-    assert ranking[0]["sensitivity"] > 0 and ranking[0]["sqnr_gain_db"] > 0
+        others = tuple(n for n in recipe.layers if n != row["layer"])
+        if kind == "removal":  # what leaving only L float buys
+            without = dataclasses.replace(recipe, layers=others)
+            sens = one_step_error(model, recipe, tensors, held_out) - one_step_error(model, without, tensors, held_out)
+        else:  # the error of L quantized alone
+            sens = one_step_error(model, dataclasses.replace(recipe, layers=(row["layer"],)), tensors, held_out)
+        assert sens == pytest.approx(row["sensitivity"], rel=1e-4, abs=1e-9)
+    assert ranking[0]["sensitivity"] > 0 and ranking[0]["sqnr_gain_db"] > 0 and report["sensitivity"]["kind"] == kind
     assert report["met"] and probe_psnr(model, new, new_tensors) == pytest.approx(report["psnr_db"], abs=1e-6)
     check_float_layers(recipe, tensors, new, new_tensors, weights)
 
@@ -155,7 +161,7 @@ def test_settings_are_checked_before_any_work(case):
         choose_float_layers(model, recipe, tensors, weights, PROBE)
     with pytest.raises(ConfigError, match="does not quantize"):
         choose_float_layers(model, recipe, tensors, {"x_embedder.proj": torch.zeros(1)}, dataclasses.replace(PROBE, max_float_layers=1))
-    for bad in ({"min_psnr": 0}, {"max_float_layers": -1}, {"probe_samples": 0}, {"probe_steps": "nope"}):
+    for bad in ({"min_psnr": 0}, {"max_float_layers": -1}, {"probe_samples": 0}, {"probe_steps": "nope"}, {"sensitivity": "both"}):
         with pytest.raises(ConfigError):
             FallbackSettings(**bad)
 
