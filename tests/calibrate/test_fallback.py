@@ -28,10 +28,11 @@ CALIB = CalibrationSettings(steps="10", timesteps=3, samples=4)
 
 @pytest.fixture(scope="module")
 def case():
-    """The model, its W4A16 min-max recipe, the recipe's float weights, and the full recipe's probe PSNR."""
+    """The model, its W4A16 min-max round-to-nearest recipe, the recipe's float weights, and the full recipe's probe PSNR."""
     model = random_dit(TINY, std=0.08)
     batches = record_calibration_inputs(model, CALIB)
-    recipe, tensors = calibrate(model, CalibrateConfig(method="minmax", precision="w4a16", calibration=CALIB), batches)
+    config = CalibrateConfig(method="minmax", precision="w4a16", weights="rtn", calibration=CALIB)  # round to nearest: float weights in model.*
+    recipe, tensors = calibrate(model, config, batches)
     weights = {n: tensors[f"model.{n}.weight"] for n in recipe.layers}
     return model, recipe, tensors, weights, probe_psnr(model, recipe, tensors)
 
