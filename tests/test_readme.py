@@ -14,6 +14,7 @@ import re
 import shlex
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -53,12 +54,32 @@ def test_the_readme_has_built_in_examples_to_run():
 
 
 @pytest.mark.slow
-def test_the_readme_examples_on_the_built_in_model_run(tmp_path):
+def test_the_readme_examples_on_the_built_in_model_run(tmp_path, monkeypatch):
+    """The ``ditrt`` lines run in this process through click's runner (the same command and arguments,
+    without starting an interpreter and importing torch per line; tests/cli run ``python -m ditrt`` in
+    real processes), the ``polygraphy`` line as the installed console script."""
+    from click.testing import CliRunner
+
+    from ditrt.cli import main
+
+    monkeypatch.chdir(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for line, why in readme_commands():
         if why is not None:
             continue
         tool, *args = shlex.split(line)
-        command = [sys.executable, "-m", "ditrt"] if tool == "ditrt" else [str(Path(sys.executable).with_name(tool))]
-        r = subprocess.run([*command, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, f"`{line}` exited {r.returncode}:\n{r.stderr[-2000:]}"
+        if tool == "ditrt":
+            r = CliRunner().invoke(main, args)
+            assert r.exit_code == 0, f"`{line}` exited {r.exit_code}:\n{_failure(r)}"
+        else:
+            command = [str(Path(sys.executable).with_name(tool)), *args]
+            p = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+            assert p.returncode == 0, f"`{line}` exited {p.returncode}:\n{p.stderr[-2000:]}"
+
+
+def _failure(result) -> str:
+    """The end of a failed command's output, and the traceback of an exception that is not an exit."""
+    text = result.output[-2000:]
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        text += "".join(traceback.format_exception(result.exception))[-3000:]
+    return text
