@@ -10,11 +10,12 @@ from ditrt.cli import main
 from ditrt.engines.build import tensorrt_available
 
 
-@pytest.mark.slow  # about 30 s on 2 shared cores; tests/cli/test_pipeline_cli.py runs a tiny model in seconds
+@pytest.mark.slow  # tens of seconds (two exports of the built-in model); tests/cli/test_pipeline_cli.py runs a tiny model
 def test_pipeline_on_the_builtin_model_writes_report_and_pictures(tmp_path):
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["pipeline", "--model", "builtin", "--method", "ptq4dit", "--precision", "w8a8", "--steps", "20",
-                                  "--num", "10", "--calib-timesteps", "4", "--calib-samples", "4", "--out", str(out)])  # fmt: skip
+                                  "--num", "10", "--calib-timesteps", "4", "--calib-samples", "4", "--calib-steps", "50",
+                                  "--out", str(out)])  # fmt: skip
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
     if not tensorrt_available()[0]:
