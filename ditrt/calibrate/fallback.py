@@ -139,7 +139,8 @@ def choose_float_layers(model: nn.Module, recipe: Recipe, tensors: dict, float_w
     full_psnr = measure.psnr(())
     limit = len(recipe.layers) if settings.max_float_layers is None else min(settings.max_float_layers, len(recipe.layers))
     needed = settings.min_psnr is None or full_psnr < settings.min_psnr
-    ranking = _rank(measure, recipe.layers, settings.sensitivity, progress) if needed and limit else []  # none measured when nothing will be float
+    # no layer is measured when none will be float
+    ranking = _rank(measure, recipe.layers, settings.sensitivity, progress) if needed and limit else []
     chosen, steps, met, psnr = _budget(measure, ranking[:limit], full_psnr, settings, progress)
     rec = {r["layer"]: {"sensitivity": r["sensitivity"], "sqnr_gain_db": r["sqnr_gain_db"], "rank": k + 1}
            for k, r in enumerate(ranking) if r["layer"] in chosen}  # fmt: skip
