@@ -23,6 +23,7 @@ def fallback_run(tiny_artifacts, tmp_path_factory):
     from ditrt.contracts.recipe import CalibrationSettings
     from ditrt.diffusion.recording import record_calibration_inputs
     from ditrt.export.onnx_export import export_model
+    from ditrt.models.quantized import quantized_model
     from ditrt.runtime.open import open_denoiser
 
     torch.set_num_threads(1)
@@ -31,9 +32,11 @@ def fallback_run(tiny_artifacts, tmp_path_factory):
     config = CalibrateConfig(method="minmax", precision="w8a8", calibration=settings, max_float_layers=2)
     recipe, tensors = calibrate(model, config, record_calibration_inputs(model, settings))
     graph = export_model(model, tmp_path_factory.mktemp("speed") / "model.onnx", recipe=recipe, tensors=tensors)
+    simulated = quantized_model(model, recipe, tensors)
     feeds = record_feeds(model, steps="10", timesteps=3, samples=2)
     with open_denoiser(graph) as opened:
-        yield {"recipe": recipe, "opened": opened, "feeds": feeds, "float_graph": tiny_artifacts["onnx"]}
+        yield {"recipe": recipe, "opened": opened, "feeds": feeds, "float_graph": tiny_artifacts["onnx"], "graph": graph,
+               "simulated": simulated}  # fmt: skip
 
 
 def test_speed_times_float_and_quantized_graphs_on_the_same_backend(fallback_run):
@@ -99,3 +102,24 @@ def test_the_report_lists_the_layers_left_in_float_with_their_sensitivity(fallba
     assert rec["weight_rounding"] == "gptq" and rec["runtime_smoothed"] == 1 and rec["float_layers"] == {}
     assert "weight rounding gptq" in md and "1 smoothed at run time" in md and "probe PSNR >= 60 dB: NOT met" in md
     assert "| layer left in float |" not in md
+
+
+def test_a_recipe_with_float_layers_passes_the_check_and_runs_as_simulated(fallback_run):
+    """The layers left in float export without Q/DQ: the graph holds Q/DQ for the quantized layers only,
+    passes ``ditrt check``, and ONNX Runtime computes what the simulation computes (the W8A8 bound of
+    tests/export/test_builtin_parity.py)."""
+    import onnx
+
+    from ditrt.export import check_onnx
+    from ditrt.quality.metrics import relative_error
+
+    recipe, graph = fallback_run["recipe"], fallback_run["graph"]
+    assert len(recipe.float_layers) == 2 and check_onnx(graph) == []
+    nodes = onnx.load(str(graph), load_external_data=False).graph.node
+    dq = [n for n in nodes if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 2 * len(recipe.layers)  # one for the weight, one for the input of each quantized layer
+    run = fallback_run["opened"].denoiser
+    with torch.no_grad():
+        for f in fallback_run["feeds"]:
+            x, t, y = (torch.from_numpy(f[k]) for k in ("x", "t", "y"))
+            assert relative_error(fallback_run["simulated"](x, t, y), run(x, t, y)) <= 2e-2
