@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ditrt.contracts.model_config import CONFIGS, DiTConfig
+from ditrt.diffusion.sampler import SamplerConfig
 from ditrt.models.dit import DiT
 
 
@@ -103,6 +104,24 @@ def digits_ckpt(models, tmp_path_factory):
     path = tmp_path_factory.mktemp("digits") / "digits.safetensors"
     save_ditrt_checkpoint(models["digits"], path)
     return path
+
+
+#: How the tests that judge the built-in model's samples sample it (as ``ditrt sample builtin --steps 50``).
+BUILTIN_SAMPLER = SamplerConfig(steps="50", cfg_scale=1.5, clip_denoised=True)
+
+
+@pytest.fixture(scope="session")
+def builtin_samples() -> dict:
+    """The trained built-in model's float samples, made once: 60 images (60, 1, 8, 8) under
+    :data:`BUILTIN_SAMPLER`, sample i of label i % 10 from seed i (the quality test judges all of them,
+    the export parity test pairs the first ten with the graph's)."""
+    from ditrt.diffusion.sample_set import generate
+    from ditrt.models.builtin import load_model
+
+    torch.set_num_threads(1)
+    labels, seeds = [i % 10 for i in range(60)], list(range(60))
+    images = generate(load_model("builtin"), BUILTIN_SAMPLER, labels, seeds, num_classes=10, image_shape=(1, 8, 8))
+    return {"labels": labels, "seeds": seeds, "images": images}
 
 
 def run_torchrun(nproc: int, *ditrt_args, timeout: int = 300) -> subprocess.CompletedProcess:

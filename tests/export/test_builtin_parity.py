@@ -7,16 +7,16 @@ import torch
 
 from ditrt.calibrate.ptq import CalibrateConfig, calibrate
 from ditrt.diffusion.sample_set import generate
-from ditrt.diffusion.sampler import SamplerConfig
 from ditrt.export import check_onnx, export_onnx
 from ditrt.models.quantized import quantized_model
 from ditrt.quality.metrics import paired_psnr, relative_error
 from ditrt.runtime.onnxruntime_backend import OnnxRuntimeDenoiser
+from tests.conftest import BUILTIN_SAMPLER
 from tests.export.conftest import BUILTIN_SETTINGS as SETTINGS
 
 
 @pytest.mark.parametrize("precision", [None, "w8a8", "w4a16"])
-def test_onnxruntime_matches_the_torch_simulation(builtin, batches, precision, tmp_path):
+def test_onnxruntime_matches_the_torch_simulation(builtin, batches, builtin_samples, precision, tmp_path):
     if precision is None:
         reference, recipe, tensors = builtin, None, None
     else:
@@ -32,8 +32,10 @@ def test_onnxruntime_matches_the_torch_simulation(builtin, batches, precision, t
     # (measured 6e-4..1.2e-2 per forward, largest at t=0 where the noise prediction is small):
     # the per-forward bound is 2e-2 there, and the sampling-run bound below is the same for all.
     assert max(errors) <= (2e-2 if precision == "w8a8" else 1e-3), errors
-    sampler = SamplerConfig(steps="50", cfg_scale=1.5, clip_denoised=True)
-    labels, seeds = [i % 10 for i in range(10)], list(range(10))
-    a = generate(reference, sampler, labels, seeds, num_classes=10, image_shape=(1, 8, 8))
-    b = generate(ort, sampler, labels, seeds, num_classes=10, image_shape=(1, 8, 8))
+    labels, seeds = builtin_samples["labels"][:10], builtin_samples["seeds"][:10]  # every class once
+    if precision is None:  # the float model's own samples of these seeds, made once for the suite
+        a = builtin_samples["images"][:10]
+    else:
+        a = generate(reference, BUILTIN_SAMPLER, labels, seeds, num_classes=10, image_shape=(1, 8, 8))
+    b = generate(ort, BUILTIN_SAMPLER, labels, seeds, num_classes=10, image_shape=(1, 8, 8))
     assert paired_psnr(a, b) >= 40.0
