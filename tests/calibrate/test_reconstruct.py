@@ -20,7 +20,7 @@ FAST = ReconstructSettings(iters=50, batch_size=4, lr_weight=1e-2)
 @pytest.fixture(scope="module")
 def w4a8(model, batches):
     """A minmax W4A8 recipe, and what reconstruction makes of it."""
-    recipe, tensors = calibrate(model, CalibrateConfig(method="minmax", precision="w4a8", calibration=SETTINGS), batches)
+    recipe, tensors = calibrate(model, CalibrateConfig(method="minmax", precision="w4a8", calibration=SETTINGS, weights="rtn"), batches)
     new, report = reconstruct(model, recipe, tensors, batches, FAST)
     return recipe, tensors, new, report
 
@@ -70,7 +70,7 @@ def test_reconstructed_recipe_lowers_the_model_output_error(model, batches, w4a8
 
 
 def test_weight_only_block_wise_recipe(model, batches):
-    recipe, tensors = calibrate(model, CalibrateConfig(method="minmax", precision="w4a16", calibration=SETTINGS), batches)
+    recipe, tensors = calibrate(model, CalibrateConfig(method="minmax", precision="w4a16", calibration=SETTINGS, weights="rtn"), batches)
     assert tensors["quant.blocks.0.mlp.fc2.weight_scale"].shape == (192, 768 // 64)
     few = [b for i, b in enumerate(batches) if i % 2 == 0]
     new, report = reconstruct(model, recipe, tensors, few, ReconstructSettings(iters=30, batch_size=4, lr_weight=1e-2))
