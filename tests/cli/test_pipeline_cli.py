@@ -2,6 +2,7 @@
 and measures, and that a failed or interrupted run leaves nothing."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -115,8 +116,13 @@ def test_sigint_during_a_real_pipeline_leaves_no_output_folder(tmp_path, tiny_ck
     # a sampling run long enough (250 steps x 64 images, minutes) that the signal always lands inside the pipeline
     slow = [*FAST, "--steps", "250", "--num", "64"]
     p = subprocess.Popen([sys.executable, "-m", "ditrt", "pipeline", "--model", str(tiny_ckpt), *slow, "--out", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    time.sleep(3)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    # the signal goes once the pipeline has started its first stage (not during interpreter start-up, which
+    # a loaded machine can stretch past any fixed sleep), and a little into it
+    first = p.stdout.readline()
+    assert first.startswith("[1/"), first
+    time.sleep(1)
     p.send_signal(signal.SIGINT)
     _, stderr = p.communicate(timeout=60)
     assert p.returncode == 130, stderr
