@@ -114,7 +114,7 @@ def calibrate(model: nn.Module, config: CalibrateConfig, forward_loop: list[Cali
             log.info("balancing left %d channels at d = 1 (degenerate salience): %s", balanced.skipped, balanced.summary()["per_layer"])
 
     tensors = {f"model.{k}": v.detach().cpu() for k, v in work.state_dict().items()}
-    runtime = dict(getattr(balanced, "runtime_divisors", None) or {})  # fc2 smoothing: run-time input divisors
+    runtime = balanced.runtime_divisors if balanced is not None else {}  # fc2 smoothing: run-time input divisors
     for name, d in runtime.items():
         tensors[f"quant.{name}.input_divisor"] = d.detach().float().cpu()
     wants_rows = "output" in (config.weight_scale_search, config.act_scale_search)
@@ -145,7 +145,8 @@ def calibrate(model: nn.Module, config: CalibrateConfig, forward_loop: list[Cali
     edges: tuple[float, ...] = ()
     if a_bits is not None:  # activation scales are measured on the balanced model, per timestep group
         groups, edges = group_batches(batches, config.timestep_groups)
-        per_group = [_activation_scales(work, layers, g, a_bits, config, device, world, tensors, rows if len(groups) == 1 else None)
+        per_group = [_activation_scales(work, layers, g, a_bits, w_bits, config, device, world, tensors,
+                                        rows if len(groups) == 1 else None)
                      for g in groups]  # fmt: skip
         for name in layers:
             scales = [pg[name] for pg in per_group]
@@ -193,7 +194,7 @@ def _captured_rows(work, layers, batches, config: CalibrateConfig, device, world
                                 device=device, world=world)  # fmt: skip
 
 
-def _activation_scales(work, layers, batches, a_bits, config, device, world: World, tensors: dict,
+def _activation_scales(work, layers, batches, a_bits, w_bits, config, device, world: World, tensors: dict,
                        rows: dict | None = None) -> dict[str, tuple]:  # fmt: skip
     """``{layer: (scale, zero point or None)}`` (CPU) from the reduced statistics, layers shared over the ranks.
     The output-aware search scores clips on the rows of these ``batches`` (``rows``: already captured on
@@ -211,7 +212,7 @@ def _activation_scales(work, layers, batches, a_bits, config, device, world: Wor
             stored = tensors[f"model.{name}.weight"].to(w.device).float()  # the GPTQ-rounded weight where it was rounded
             zp = tensors.get(f"quant.{name}.weight_zero_point")
             wq = fake_quant_weight(stored, tensors[f"quant.{name}.weight_scale"].to(w.device),
-                                   None if zp is None else zp.to(w.device), config_bits(config), config.symmetric)  # fmt: skip
+                                   None if zp is None else zp.to(w.device), w_bits, config.symmetric)  # fmt: skip
             extra = {"rows": rows[name].rows.to(w.device), "weight": w, "weight_q": wq}
         scale, zp = activation_scale(stats[name].sample_values(), a_bits, symmetric=config.symmetric,
                                      search=config.act_scale_search, absmax=stats[name].absmax, **extra)  # fmt: skip
@@ -220,17 +221,10 @@ def _activation_scales(work, layers, batches, a_bits, config, device, world: Wor
     return dict(zip(layers, map_items(search, layers, world)))
 
 
-def config_bits(config: CalibrateConfig) -> int:
-    """The weight bits of ``config``'s precision."""
-    return get_precision(config.precision).weight_bits
-
-
 def _fall_back(model, work, recipe: Recipe, tensors: dict, config: CalibrateConfig, device, world: World) -> tuple[Recipe, dict]:
     """Leave the most sensitive layers in float under the budget (:mod:`ditrt.calibrate.fallback`). A layer
     left in float gets its balanced float weight back; one smoothed at run time gets the original weight
-    and loses its divisor (a float layer needs no smoothing)."""
-    import dataclasses
-
+    and loses its divisor (a float layer needs no smoothing; choose_float_layers drops it)."""
     from ditrt.calibrate.fallback import FallbackSettings, choose_float_layers
     from ditrt.distributed import broadcast_object
 
@@ -240,8 +234,7 @@ def _fall_back(model, work, recipe: Recipe, tensors: dict, config: CalibrateConf
     chosen = broadcast_object(sorted(new.float_layers), world)  # every rank keeps rank 0's choice
     if sorted(new.float_layers) != chosen:
         raise RuntimeError("the ranks chose different float layers; run the fallback in one process")
-    smoothed = tuple(n for n in recipe.runtime_smoothed if n in new.layers)
-    return dataclasses.replace(new, runtime_smoothed=smoothed), new_tensors
+    return new, new_tensors  # choose_float_layers drops a float layer from runtime_smoothed and its divisor
 
 
 def _reconstruct(model, recipe: Recipe, tensors: dict, batches, config: CalibrateConfig, device, *,
