@@ -33,6 +33,7 @@ alone moves a row. Rows are ranked only where their intervals separate (see :fun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -68,6 +69,9 @@ from ditrt.runtime.open import open_denoiser
 METHODS = ("minmax", "smoothquant", "ptq4dit")
 PRECISIONS = ("w8a8", "w4a16", "w4a8")
 MODELS = ("builtin", "stress")
+#: where a row's samples come from: torch (the simulation, against torch float samples), onnxruntime
+#: (the exported graphs, against the float graph's samples), floor (a recipe's graph against torch float)
+BACKENDS = ("torch", "floor", "onnxruntime")
 REL_FD_MIN_NUM = 256  #: rows of at least this many samples show FD relative to float
 CFG_SCALE = 1.5
 CONFIDENCE, RESAMPLES = 0.95, 2000  #: the bootstrap interval of paired PSNR
@@ -245,14 +249,16 @@ def run(args, plan: list[tuple[str, int]], protocol: dict) -> None:
             if cache.row(key, protocol) is None:
                 row = {**_ident(key), **image_fields(ref, ref, num), "sample_seconds": round(time.perf_counter() - s0, 1)}
                 cache.put_row({**row, "protocol": protocol}, key)
+        if args.backend == "onnxruntime":
+            refs = ort_float_rows(cache, vname, model, plan, refs, protocol)
             if args.fd_noise and cache.row(rkey := (vname, "float-reseed", "fp32", steps, f"n{num}", "torch"), protocol) is None:
                 # the float model again with the next N seeds: how far FD moves by sampling noise alone
                 other = sample_images(model, steps, num, first_seed=num)
                 cache.put_row({**_ident(rkey), **image_fields(ref, other, num), "protocol": protocol}, rkey)
         for spec, precision in jobs:
-            keys = {(steps, num): (vname, spec, precision, steps, f"n{num}", "torch") for steps, num in plan}
+            keys = {(steps, num): (vname, spec, precision, steps, f"n{num}", args.backend) for steps, num in plan}
             todo = [sn for sn, k in keys.items() if cache.row(k, protocol) is None]
-            floor_keys = {sn: (*k[:-1], "onnxruntime") for sn, k in keys.items()} if (spec, precision) == args.floor else {}
+            floor_keys = {sn: (*k[:-1], "floor") for sn, k in keys.items()} if (spec, precision) == args.floor and args.backend == "torch" else {}
             floor_todo = [sn for sn, k in floor_keys.items() if cache.row(k, protocol) is None]
             if not todo and not floor_todo:
                 continue
@@ -263,6 +269,12 @@ def run(args, plan: list[tuple[str, int]], protocol: dict) -> None:
             common = {"deployable": recipe.deployable, "recipe_sha": sha, "float_layers": sorted(recipe.float_layers), **timing}
             log(f"{vname} {spec} {precision}: calibrated in {timing['calib_seconds']} s (load {timing['loadavg'][0]}), "
                 f"SQNR mean {sqnr['mean_db']:.2f} dB, pooled {sqnr['pooled_db']:.2f} dB")  # fmt: skip
+            if args.backend == "onnxruntime":
+                if not recipe.deployable:
+                    log(f"{vname} {spec} {precision}: simulation only, no ONNX Runtime row (run it with --backend torch)")
+                    continue
+                ort_rows(cache, model, recipe, tensors, held, refs, {sn: keys[sn] for sn in todo}, common, protocol)
+                continue
             quant = {}
             for steps, num in todo + [sn for sn in floor_todo if sn not in todo]:
                 s0 = time.perf_counter()
@@ -276,25 +288,73 @@ def run(args, plan: list[tuple[str, int]], protocol: dict) -> None:
                 floor_rows(cache, model, recipe, tensors, q, held, refs, quant, {sn: floor_keys[sn] for sn in floor_todo}, common, protocol)
 
 
+@contextlib.contextmanager
+def ort_denoiser(model, recipe=None, tensors=None):
+    """``model`` (with ``recipe``: its quantized graph) exported to fp32 ONNX by the library's export
+    entry point and opened in ONNX Runtime with this process's threads."""
+    with tempfile.TemporaryDirectory(prefix="quality-ort-") as tmp:
+        graph = export_model(model, Path(tmp) / "graph.onnx", recipe=recipe, tensors=tensors)
+        with open_denoiser(graph, threads=torch.get_num_threads()) as ort:
+            yield ort
+
+
+def sample_ort(ort, steps: str, num: int, **kw) -> np.ndarray:
+    return sample_images(ort, steps, num, device=ort.device, batch=min(512, ort.images_per_call(guided=True) or 512), **kw)
+
+
+def ort_float_rows(cache, vname, model, plan, torch_refs, protocol) -> dict:
+    """The float model's samples in ONNX Runtime (its exported fp32 graph): the reference of every
+    ``--backend onnxruntime`` row, so those rows measure quantization alone, executed where it is
+    deployed. Each row also holds the paired PSNR between the torch and ONNX Runtime float samples."""
+    refs, ort = {}, None
+    with contextlib.ExitStack() as stack:
+        for steps, num in plan:
+            key = (vname, "float", "fp32", steps, f"n{num}", "onnxruntime")
+            if ort is None and (cache.row(key, protocol) is None or not cache._path(*key, ext="npy").exists()):
+                ort = stack.enter_context(ort_denoiser(model))
+            s0 = time.perf_counter()
+            refs[steps] = ref = cache.samples(key, lambda: sample_ort(ort, steps, num))
+            if cache.row(key, protocol) is None:
+                row = {**_ident(key), **image_fields(ref, ref, num), **psnr_fields(torch_refs[steps], ref, "floor_psnr"),
+                       "sample_seconds": round(time.perf_counter() - s0, 1), "protocol": protocol}  # fmt: skip
+                cache.put_row(row, key)
+                log(f"{vname} {steps} float in ONNX Runtime: {row['floor_psnr_db']:.2f} dB from the torch float samples")
+    return refs
+
+
+def ort_rows(cache, model, recipe, tensors, held, refs, keys, common, protocol) -> None:
+    """A deployable recipe's rows executed by ONNX Runtime from its exported graph, against the float
+    model's ONNX Runtime samples (``refs``); the one-step SQNR against the torch float model."""
+    if not keys:
+        return
+    with ort_denoiser(model, recipe, tensors) as ort:
+        sqnr = metrics.sqnr_by_timestep(model, ort, held, channels=model.config.in_channels)
+        for (steps, num), key in keys.items():
+            s0 = time.perf_counter()
+            # the same sample file as the floor row of this recipe, when there is one
+            imgs = cache.samples((*key[:-1], common["recipe_sha"], "onnxruntime"), lambda: sample_ort(ort, steps, num))
+            row = {**_ident(key), **image_fields(refs[steps], imgs, num), "sqnr": sqnr, **common,
+                   "sample_seconds": round(time.perf_counter() - s0, 1), "protocol": protocol}  # fmt: skip
+            cache.put_row(row, key)
+            log(f"{key[0]} {steps} {key[1]} {key[2]} in ONNX Runtime: PSNR {row['psnr_db']:.2f} [{row['psnr_lo']:.2f}, {row['psnr_hi']:.2f}] dB ({row['sample_seconds']:.0f} s)")
+
+
 def floor_rows(cache, model, recipe, tensors, q, held, refs, quant, keys, common, protocol) -> None:
     """The floor recipe exported (fp32 ONNX, the library's export entry point) and sampled by ONNX
-    Runtime: its rows against the float model and against the same recipe run by torch."""
+    Runtime: its rows against the torch float model and against the same recipe run by torch."""
     if not recipe.deployable:
         raise SystemExit(f"the noise floor needs a deployable recipe; {recipe.method} {recipe.precision} is simulation only: choose another --floor")
     eps = model.config.in_channels
-    with tempfile.TemporaryDirectory(prefix="quality-floor-") as tmp:
-        graph = export_model(model, Path(tmp) / "floor.onnx", recipe=recipe, tensors=tensors)
-        with open_denoiser(graph, threads=torch.get_num_threads()) as ort:
-            sqnr = metrics.sqnr_by_timestep(model, ort, held, channels=eps)
-            vs_torch = metrics.sqnr_by_timestep(q, ort, held, channels=eps)
-            batch = min(512, ort.images_per_call(guided=True) or 512)
-            for (steps, num), key in keys.items():
-                s0 = time.perf_counter()
-                imgs = cache.samples((*key[:-1], common["recipe_sha"], "onnxruntime"), lambda: sample_images(ort, steps, num, device=ort.device, batch=batch))
-                row = {**_ident(key), **image_fields(refs[steps], imgs, num), **psnr_fields(quant[steps], imgs, "floor_psnr"), "sqnr": sqnr,
-                       "floor_sqnr": vs_torch, **common, "sample_seconds": round(time.perf_counter() - s0, 1), "protocol": protocol}  # fmt: skip
-                cache.put_row(row, key)
-                log(f"{key[0]} {steps} {key[1]} {key[2]} in ONNX Runtime: PSNR {row['psnr_db']:.2f} dB vs float, {row['floor_psnr_db']:.2f} dB vs torch")
+    with ort_denoiser(model, recipe, tensors) as ort:
+        sqnr = metrics.sqnr_by_timestep(model, ort, held, channels=eps)
+        vs_torch = metrics.sqnr_by_timestep(q, ort, held, channels=eps)
+        for (steps, num), key in keys.items():
+            s0 = time.perf_counter()
+            imgs = cache.samples((*key[:-1], common["recipe_sha"], "onnxruntime"), lambda: sample_ort(ort, steps, num))
+            row = {**_ident(key), **image_fields(refs[steps], imgs, num), **psnr_fields(quant[steps], imgs, "floor_psnr"), "sqnr": sqnr,
+                   "floor_sqnr": vs_torch, **common, "sample_seconds": round(time.perf_counter() - s0, 1), "protocol": protocol}  # fmt: skip
+            cache.put_row(row, key)
+            log(f"{key[0]} {steps} {key[1]} {key[2]} in ONNX Runtime: PSNR {row['psnr_db']:.2f} dB vs torch float, {row['floor_psnr_db']:.2f} dB vs torch")
 
 
 def _ident(key: tuple) -> dict:
@@ -313,15 +373,16 @@ def _order(rows: list[dict]) -> list[dict]:
     prec = {"fp32": 0, **{p: i + 1 for i, p in enumerate(PRECISIONS)}}
     methods = list(dict.fromkeys(["float", "float-reseed", *METHODS, *sorted(r["method"] for r in rows)]))
     return sorted(rows, key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 9, -int(r["steps"]), r["num"],
-                                       prec.get(r["precision"], 9), methods.index(r["method"]), r["backend"] != "torch"))  # fmt: skip
+                                       BACKENDS.index(r["backend"]), prec.get(r["precision"], 9), methods.index(r["method"])))  # fmt: skip
 
 
 def ranks(rows: list[dict]) -> dict[int, int]:
-    """Rank of each quantized torch row (by ``id``) among the rows of the same model, steps, N and
-    precision: 1 + the number of those rows whose PSNR interval lies wholly above its own. Rows whose
-    intervals overlap are not told apart, so they can share a rank; ranks can skip."""
-    group = lambda r: (r["model"], str(r["steps"]), r["num"], r["precision"])  # noqa: E731
-    ranked = [r for r in rows if r["backend"] == "torch" and not r["method"].startswith("float")]
+    """Rank of each quantized row (by ``id``) among the rows of the same model, steps, N, precision and
+    backend: 1 + the number of those rows whose PSNR interval lies wholly above its own. Rows whose
+    intervals overlap are not told apart, so they can share a rank; ranks can skip. Floor rows are
+    not ranked (their reference is another backend's float samples)."""
+    group = lambda r: (r["model"], str(r["steps"]), r["num"], r["precision"], r["backend"])  # noqa: E731
+    ranked = [r for r in rows if r["backend"] != "floor" and not r["method"].startswith("float")]
     return {id(r): 1 + sum(o["psnr_lo"] > r["psnr_hi"] for o in ranked if group(o) == group(r)) for r in ranked}
 
 
@@ -352,6 +413,9 @@ def markdown(results: dict, command: str) -> str:
             "of the machine right after it; `!` marks a load above this process's threads by more than 0.5, i.e. other jobs ran "
             "on the machine meanwhile: such times are not comparable with the others (quality.json has the CPU seconds too). "
             "Rows marked (sim) are simulation only (no TensorRT format): w4a8, asymmetric or dynamic activations. "
+            "**(ONNX Runtime)** rows: the recipe's exported fp32 graph sampled by ONNX Runtime, against the float model's exported "
+            "graph sampled by ONNX Runtime (so they measure quantization alone, executed where it is deployed; ranked among "
+            "themselves); their one-step SQNR is against the torch float model. "
             "float-reseed: the float model with the next N seeds (FD spread from sampling noise alone)."
         ),
         "",
@@ -360,13 +424,15 @@ def markdown(results: dict, command: str) -> str:
     for variant in dict.fromkeys(r["model"] for r in rows):
         lines += [f"## {variant}", ""]
         mine = [r for r in rows if r["model"] == variant]
-        floors = {(str(r["steps"]), r["num"]): r for r in mine if r["backend"] == "onnxruntime"}
+        floors = {(str(r["steps"]), r["num"]): r for r in mine if r["backend"] == "floor"}
         lines += [_floor_line(f, mine) for f in floors.values()] or ["No noise-floor row measured (run with --floor)."]
+        lines += [_float_line(r) for r in mine if r["method"] == "float" and r["backend"] == "onnxruntime"]
         lines += ["", "| steps | N | method | precision | PSNR dB [95% CI] | rank | SQNR mean / pooled dB | FD | FD vs float | class acc | calib s (load) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        float_fd = {(str(r["steps"]), r["num"]): r["fd"] for r in mine if r["method"] == "float"}
+        float_fd = {(str(r["steps"]), r["num"], r["backend"]): r["fd"] for r in mine if r["method"] == "float"}
         for r in mine:
-            lines.append(_table_row(r, rank.get(id(r)), floors.get((str(r["steps"]), r["num"])), float_fd.get((str(r["steps"]), r["num"]))))
+            fd_ref = float_fd.get((str(r["steps"]), r["num"], "torch" if r["backend"] == "floor" else r["backend"]))
+            lines.append(_table_row(r, rank.get(id(r)), floors.get((str(r["steps"]), r["num"])), fd_ref))
         lines.append("")
     return "\n".join(lines)
 
@@ -382,13 +448,20 @@ def _floor_line(f: dict, rows: list[dict]) -> str:
     )
 
 
+def _float_line(r: dict) -> str:
+    return (
+        f"- **float in ONNX Runtime, {r['steps']} steps, N = {r['num']}**: the float model's exported fp32 graph vs torch: "
+        f"paired PSNR {_ci(r, 'floor_psnr')} dB. The ONNX Runtime rows below are measured against these samples."
+    )
+
+
 def _ci(r: dict, prefix: str = "psnr") -> str:
     return f"{r[f'{prefix}_db']:.2f} [{r[f'{prefix}_lo']:.2f}, {r[f'{prefix}_hi']:.2f}]"
 
 
 def _table_row(r: dict, rank: int | None, floor: dict | None, float_fd: float | None) -> str:
     is_float = r["method"].startswith("float")
-    method = r["method"] + (" (ONNX Runtime)" if r["backend"] == "onnxruntime" else "")
+    method = r["method"] + {"torch": "", "onnxruntime": " (ONNX Runtime)", "floor": " (floor: ONNX Runtime vs torch float)"}[r["backend"]]
     psnr = "ref" if r["method"] == "float" else "-" if is_float else _ci(r)
     near = floor is not None and rank is not None and r["psnr_hi"] >= floor["floor_psnr_lo"]
     rank_s = "-" if rank is None else f"{rank}{'~' if near else ''}"
@@ -396,7 +469,7 @@ def _table_row(r: dict, rank: int | None, floor: dict | None, float_fd: float | 
     fd_rel = f"{100 * (r['fd'] / float_fd - 1):+.1f}%" if r["num"] >= REL_FD_MIN_NUM and float_fd else "-"
     prec = r["precision"] + ("" if is_float or r.get("deployable", True) else " (sim)")
     calib = "-"
-    if r.get("calib_seconds") is not None and r["backend"] == "torch":  # the floor row shares its torch row's calibration
+    if r.get("calib_seconds") is not None and r["backend"] != "floor":  # the floor row shares its torch row's calibration
         load = r["loadavg"][0]
         calib = f"{r['calib_seconds']} ({load:.1f}{'!' if load > r['threads'] + 0.5 else ''})"
     return f"| {r['steps']} | {r['num']} | {method} | {prec} | {psnr} | {rank_s} | {sqnr} | {r['fd']:.2f} | {fd_rel} | {r['class_accuracy']:.3f} | {calib} |"
@@ -434,6 +507,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS))
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="sample the rows with the torch simulation, or in ONNX Runtime from the exported graphs (deployable recipes; ~4x faster)")
     p.add_argument("--floor", default="minmax:w8a8", help="METHOD:PRECISION run in ONNX Runtime for the noise floor, or none")
     p.add_argument("--heldout-seed", type=int, default=1, help="seed of the held-out SQNR inputs (calibration records seed 0)")
     p.add_argument("--cache", type=Path, default=Path("runs/quality-cache"))
