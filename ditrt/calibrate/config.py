@@ -13,6 +13,11 @@ from ditrt.contracts.errors import ConfigError
 from ditrt.contracts.precisions import INT4_BLOCK_SIZES, get_precision
 from ditrt.contracts.recipe import SEARCHES, WEIGHT_ROUNDINGS, CalibrationSettings
 
+#: Why a float-grid (FP8) recipe is not reconstructed: AdaRound learns a choice between floor and floor + 1
+#: of an integer grid and LSQ steps an integer grid; neither is written for E4M3's uneven spacing.
+RECONSTRUCT_FLOAT = ("block reconstruction learns roundings on integer grids only, not on FP8's float grid; "
+                     "drop --reconstruct at fp8 (--weights gptq rounds onto the FP8 grid)")
+
 
 @dataclass(frozen=True)
 class CalibrateConfig:
@@ -65,6 +70,10 @@ class CalibrateConfig:
         if self.smooth_fc2 and type(self.strategy).balance is Method.balance:
             raise ConfigError(f"--smooth-fc2 smooths with a balancing method's factors, and {self.method} does not balance; "
                               "use smoothquant, ptq4dit or ditas")  # fmt: skip
+        if p.weight_fmt.is_float and self.reconstruct:
+            raise ConfigError(RECONSTRUCT_FLOAT)
+        if p.weight_fmt.is_float and not self.symmetric:
+            raise ConfigError(f"{p.name} has no zero points (FP8 quantizers are symmetric); drop --asymmetric")
         if self.smooth_fc2 and self.reconstruct:
             raise ConfigError("--smooth-fc2 with --reconstruct is not supported yet (reconstruction does not learn through the run-time divisor); drop one")
         if self.weights is not None and self.weights not in WEIGHT_ROUNDINGS:

@@ -60,12 +60,13 @@ def _mse(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class LayerQuant:
-    """How a smoothed layer is quantized: symmetric ``w_bits`` weights (per output channel, or block-wise
-    with ``block_size``) and, unless ``a_bits`` is None, a per-tensor symmetric activation quantizer;
-    weight scales found with ``search``, activation scales with ``act_search`` (None: ``search`` too)."""
+    """How a smoothed layer is quantized: symmetric ``w_bits`` weights (per output channel, per tensor, or
+    block-wise with ``block_size``) and, unless ``a_bits`` is None, a per-tensor symmetric activation
+    quantizer; weight scales found with ``search``, activation scales with ``act_search`` (None: ``search``
+    too). ``w_bits``/``a_bits``: integer widths or number formats (:mod:`ditrt.contracts.quantizers`)."""
 
-    w_bits: int
-    a_bits: int | None
+    w_bits: object
+    a_bits: object | None
     granularity: str = "channel"
     block_size: int | None = None
     search: str = "minmax"

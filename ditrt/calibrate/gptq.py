@@ -26,7 +26,7 @@ from torch import nn
 
 from ditrt.calibrate.observe import OBSERVE_ROWS, observe_input_grams
 from ditrt.contracts.errors import ConfigError, InputError
-from ditrt.contracts.quantizers import expand_weight_scale, fake_quant_weight, qrange
+from ditrt.contracts.quantizers import expand_weight_scale, fake_quant_weight, number_format, quantize
 from ditrt.diffusion.recording import CalibBatch
 from ditrt.distributed import SINGLE, World, map_items
 
@@ -38,17 +38,21 @@ log = logging.getLogger(__name__)
 GRAM_BUDGET_BYTES = 1536 * 2**20
 
 
-def _check_grid(weight: torch.Tensor, scale: torch.Tensor, bits: int, block_size: int | None) -> torch.Tensor:
-    """Validate a weight and its grid; returns the scale expanded to the weight (out, in)."""
+def _check_grid(weight: torch.Tensor, scale: torch.Tensor, bits, block_size: int | None) -> torch.Tensor:
+    """Validate a weight and its grid (``bits``: an integer width or a number format, e.g. FP8 E4M3);
+    returns the scale expanded to the weight (out, in)."""
     if weight.ndim != 2:
         raise InputError(f"GPTQ takes a Linear weight (out, in), got shape {tuple(weight.shape)}; flatten conv weights first")
     out_f, in_f = weight.shape
-    if not 2 <= bits <= 16:
-        raise ConfigError(f"GPTQ rounds onto signed 2- to 16-bit grids, got {bits} bits")
+    fmt = number_format(bits)
+    if not fmt.is_float and not 2 <= fmt.bits <= 16:
+        raise ConfigError(f"GPTQ rounds onto signed 2- to 16-bit grids, got {fmt.bits} bits")
     if scale.ndim == 1 and block_size:
         raise InputError(f"a per-channel scale of shape {tuple(scale.shape)} was given with block size {block_size}; "
                          f"pass block-wise scales (out, in // {block_size}) or no block size")  # fmt: skip
-    if scale.ndim == 1:
+    if scale.ndim == 0:
+        ok = not block_size  # one scale for the whole weight
+    elif scale.ndim == 1:
         ok = tuple(scale.shape) == (out_f,)
     else:
         block = block_size or (in_f // scale.shape[1] if scale.ndim == 2 and scale.shape[1] else 0)
@@ -56,7 +60,7 @@ def _check_grid(weight: torch.Tensor, scale: torch.Tensor, bits: int, block_size
     if not ok:
         raise InputError(f"weight scale of shape {tuple(scale.shape)} fits no grid of a ({out_f}, {in_f}) weight"
                          f"{f' in blocks of {block_size}' if block_size else ''}; pass ({out_f},) per output channel "
-                         f"or ({out_f}, in // block) block-wise")  # fmt: skip
+                         f"or ({out_f}, in // block) block-wise, or () per tensor")  # fmt: skip
     for what, t in (("weight", weight), ("weight scale", scale)):
         if not bool(torch.isfinite(t).all()):
             raise InputError(f"the {what} holds NaN or inf values; check the float model and its calibration inputs")
@@ -98,17 +102,18 @@ def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     return upper
 
 
-def gptq_integers(weight, hessian, scale, bits: int, *, block_size: int | None = None, damp: float = 0.01,
+def gptq_integers(weight, hessian, scale, bits, *, block_size: int | None = None, damp: float = 0.01,
                   columns: int = 128, act_order: bool = True) -> torch.Tensor:  # fmt: skip
-    """The integers of :func:`gptq_round` (float64, integer-valued within the signed ``bits`` range, shaped
-    like ``weight``): ``gptq_round`` is ``q * scale``. Small to send between processes (as int8 for <= 8 bits)."""
+    """The grid values of :func:`gptq_round` (float64, shaped like ``weight``): integers within the signed
+    ``bits`` range, or values of the float format ``bits`` names (FP8 E4M3); ``gptq_round`` is ``q * scale``.
+    Small to send between processes (:func:`_compact`)."""
     s32 = _check_grid(weight, scale, bits, block_size).to(device=weight.device, dtype=torch.float32)
     _check_hessian(weight, hessian)
     if damp < 0:
         raise ConfigError(f"GPTQ's damping is a non-negative fraction of the mean Hessian diagonal, got {damp}")
     if columns < 1:
         raise ConfigError(f"GPTQ's lazy batch must hold at least one column, got {columns}")
-    qmin, qmax = qrange(bits)
+    fmt = number_format(bits)
     hessian = hessian.to(weight.device)
     h = _decoupled(hessian)
     w = weight.detach().to(torch.float64).clone()  # (out, in), updated in place as columns are quantized
@@ -127,9 +132,9 @@ def gptq_integers(weight, hessian, scale, bits: int, *, block_size: int | None =
         errors = torch.empty_like(block)
         for j in range(b - a):
             col = block[:, j]
-            # fake_quant_weight's integer of the column's float32 value: with nothing to compensate
+            # fake_quant_weight's grid value of the column's float32 value: with nothing to compensate
             # (an identity Hessian) the result is round to nearest bit for bit
-            qj = torch.round(col.float() / s32[:, a + j]).clamp_(qmin, qmax).double()
+            qj = quantize(col.float(), s32[:, a + j], None, fmt).double()
             q[:, a + j] = qj
             errors[:, j] = (col - qj * s[:, a + j]) / u[j, j]
             block[:, j:] -= errors[:, j : j + 1] * u[j : j + 1, j:]  # OBS update of this batch's remaining columns
@@ -137,7 +142,7 @@ def gptq_integers(weight, hessian, scale, bits: int, *, block_size: int | None =
     return q if order is None else q[:, torch.argsort(order)]
 
 
-def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits: int, *, block_size: int | None = None,
+def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits, *, block_size: int | None = None,
                damp: float = 0.01, columns: int = 128, act_order: bool = True) -> torch.Tensor:  # fmt: skip
     """GPTQ-rounded ``weight`` (out, in) on the fixed grid ``scale``, float32 on the weight's device.
 
@@ -150,11 +155,20 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
     zeroes their weights; rounding them keeps the float model's behaviour on inputs that do reach them).
 
     The result is ``q * scale`` computed in float32 as :func:`ditrt.contracts.quantizers.fake_quant_weight`
-    computes it, with ``q`` integer within the signed range: ``fake_quant_weight(result, scale, None, bits)``
+    computes it, with ``q`` on the grid of ``bits`` (an integer width, or a float format such as FP8 E4M3):
+    ``fake_quant_weight(result, scale, None, bits)``
     returns it unchanged. Computed in float64 on the weight's device. Raises InputError on a Hessian or
     scale of the wrong shape and on NaN or inf values."""
     q = gptq_integers(weight, hessian, scale, bits, block_size=block_size, damp=damp, columns=columns, act_order=act_order)
     return _dequantize(q, scale.to(weight.device))
+
+
+def _compact(q: torch.Tensor, bits) -> torch.Tensor:
+    """Grid values in their smallest exact type: int8 up to 8 integer bits, float8 E4M3 for E4M3 (both exact)."""
+    fmt = number_format(bits)
+    if fmt.is_float:
+        return q.to(torch.float8_e4m3fn)
+    return q.to(torch.int8) if fmt.bits <= 8 else q
 
 
 def _dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -195,7 +209,7 @@ def gptq_weights(
     layers: list[str],
     batches: list[CalibBatch],
     scales: dict[str, torch.Tensor],
-    bits: int,
+    bits,
     blocks: dict[str, int],
     *,
     device: str = "cpu",
@@ -253,7 +267,7 @@ def gptq_weights(
                           "gptq": output_error(w, _dequantize(q, scale), h), "seconds": seconds}  # fmt: skip
                 if bar is not None:
                     bar.update(1)
-                return (q.to(torch.int8) if bits <= 8 else q).cpu(), record
+                return _compact(q, bits).cpu(), record
 
             for name, (q, record) in zip(names, map_items(one, names, world)):
                 weights[name] = _dequantize(q, scales[name].cpu())

@@ -282,7 +282,7 @@ class DiTAS(Method):
         from ditrt.calibrate.ditas import LayerQuant, ditas_factors
 
         p, config = step.precision, step.config
-        quant = LayerQuant(p.weight_bits, p.act_bits, p.weight_granularity, step.block, config.weight_scale_search, config.act_scale_search)
+        quant = LayerQuant(p.weight_fmt, p.act_fmt, p.weight_granularity, step.block, config.weight_scale_search, config.act_scale_search)
         reports: dict = {}
         layers = step.targets + _runtime_targets(step)
         factors, alphas = ditas_factors(step.model, layers, step.batches, quant, seed=step.seed, device=step.device,
@@ -298,11 +298,13 @@ class QDiT(Method):
     summary = "per-layer INT4 block search (--qdit-*)"
 
     def applies(self, precision: Precision) -> bool:
-        return precision.weight_bits == 4
+        return not precision.weight_fmt.is_float and precision.weight_bits == 4
 
     def notes(self, precision: Precision) -> list[str]:
-        if precision.weight_bits == 8:
-            return ["qdit: INT8 weights are per channel in TensorRT, so there is no granularity to search at w8a8"]
+        if not self.applies(precision):
+            kind = "per tensor" if precision.weight_granularity == "tensor" else "per channel"
+            return [f"qdit: {precision.weight_format.upper()} weights are {kind} in TensorRT, so there is no granularity "
+                    f"to search at {precision.name}"]  # fmt: skip
         return []
 
     def block_sizes(self, step: Step) -> dict[str, int] | None:

@@ -87,7 +87,7 @@ def calibrate(model: nn.Module, config: CalibrateConfig, forward_loop: list[Cali
 
     batches = _batches(forward_loop)
     p = get_precision(config.precision)
-    w_bits, a_bits, granularity = p.weight_bits, p.act_bits, p.weight_granularity
+    w_fmt, a_fmt, granularity = p.weight_fmt, p.act_fmt, p.weight_granularity  # the grids every quantizer rounds onto
     method = config.strategy
     model_hash = state_dict_hash(model)
     work = copy.deepcopy(model).eval()
@@ -126,7 +126,7 @@ def calibrate(model: nn.Module, config: CalibrateConfig, forward_loop: list[Cali
         if config.weight_scale_search == "output":
             x = rows[name].rows.to(w.device)
             gram = x.T @ x
-        scale, zp = weight_scale(w, w_bits, granularity="block" if block else "channel", block_size=block or None,
+        scale, zp = weight_scale(w, w_fmt, granularity="block" if block else _unblocked(granularity), block_size=block or None,
                                  symmetric=config.symmetric, search=config.weight_scale_search, gram=gram)  # fmt: skip
         return scale.cpu(), None if zp is None else zp.cpu()
 
@@ -138,14 +138,14 @@ def calibrate(model: nn.Module, config: CalibrateConfig, forward_loop: list[Cali
         from ditrt.calibrate.gptq import gptq_weights
 
         scales = {n: tensors[f"quant.{n}.weight_scale"] for n in layers}
-        rounded, details["gptq"] = gptq_weights(work, layers, batches, scales, w_bits, blocks, device=device, world=world,
+        rounded, details["gptq"] = gptq_weights(work, layers, batches, scales, w_fmt, blocks, device=device, world=world,
                                                 progress=world.is_main)  # fmt: skip
         for name, w in rounded.items():
             tensors[f"model.{name}.weight"] = w
     edges: tuple[float, ...] = ()
-    if a_bits is not None:  # activation scales are measured on the balanced model, per timestep group
+    if a_fmt is not None:  # activation scales are measured on the balanced model, per timestep group
         groups, edges = group_batches(batches, config.timestep_groups)
-        per_group = [_activation_scales(work, layers, g, a_bits, w_bits, config, device, world, tensors,
+        per_group = [_activation_scales(work, layers, g, a_fmt, w_fmt, config, device, world, tensors,
                                         rows if len(groups) == 1 else None)
                      for g in groups]  # fmt: skip
         for name in layers:
@@ -155,7 +155,7 @@ def calibrate(model: nn.Module, config: CalibrateConfig, forward_loop: list[Cali
                     tensors[f"quant.{name}.{key}"] = scales[0][i] if len(scales) == 1 else torch.stack([s[i] for s in scales])
     recipe = Recipe(
         method=config.method, precision=config.precision, layers=tuple(layers), model_hash=model_hash,
-        model_config=model.config.to_dict(), weight_bits=w_bits, act_bits=a_bits, weight_granularity=granularity,
+        model_config=model.config.to_dict(), weight_bits=p.weight_bits, act_bits=p.act_bits, weight_granularity=granularity,
         block_size=config.block_size if granularity == "block" else None, symmetric=config.symmetric,
         scale_search=config.weight_scale_search, act_scale_search=config.act_scale_search,
         alpha=getattr(config.settings, "alpha", None), calibration=config.calibration,
@@ -168,6 +168,11 @@ def calibrate(model: nn.Module, config: CalibrateConfig, forward_loop: list[Cali
     if config.min_psnr is not None or config.max_float_layers is not None:
         recipe, tensors = _fall_back(model, work, recipe, tensors, config, device, world)
     return recipe, tensors
+
+
+def _unblocked(granularity: str) -> str:
+    """The scale granularity of a layer without an INT4 block: the precision's own ("channel" or "tensor")."""
+    return "channel" if granularity == "block" else granularity
 
 
 def _batches(forward_loop) -> list[CalibBatch]:
@@ -194,7 +199,7 @@ def _captured_rows(work, layers, batches, config: CalibrateConfig, device, world
                                 device=device, world=world)  # fmt: skip
 
 
-def _activation_scales(work, layers, batches, a_bits, w_bits, config, device, world: World, tensors: dict,
+def _activation_scales(work, layers, batches, a_fmt, w_fmt, config, device, world: World, tensors: dict,
                        rows: dict | None = None) -> dict[str, tuple]:  # fmt: skip
     """``{layer: (scale, zero point or None)}`` (CPU) from the reduced statistics, layers shared over the ranks.
     The output-aware search scores clips on the rows of these ``batches`` (``rows``: already captured on
@@ -212,9 +217,9 @@ def _activation_scales(work, layers, batches, a_bits, w_bits, config, device, wo
             stored = tensors[f"model.{name}.weight"].to(w.device).float()  # the GPTQ-rounded weight where it was rounded
             zp = tensors.get(f"quant.{name}.weight_zero_point")
             wq = fake_quant_weight(stored, tensors[f"quant.{name}.weight_scale"].to(w.device),
-                                   None if zp is None else zp.to(w.device), w_bits, config.symmetric)  # fmt: skip
+                                   None if zp is None else zp.to(w.device), w_fmt, config.symmetric)  # fmt: skip
             extra = {"rows": rows[name].rows.to(w.device), "weight": w, "weight_q": wq}
-        scale, zp = activation_scale(stats[name].sample_values(), a_bits, symmetric=config.symmetric,
+        scale, zp = activation_scale(stats[name].sample_values(), a_fmt, symmetric=config.symmetric,
                                      search=config.act_scale_search, absmax=stats[name].absmax, **extra)  # fmt: skip
         return scale.cpu(), None if zp is None else zp.cpu()
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditrt.calibrate.config import RECONSTRUCT_FLOAT
 from ditrt.contracts.errors import ConfigError, InputError
 from ditrt.contracts.quantizers import expand_weight_scale, qrange
 from ditrt.contracts.recipe import Recipe
@@ -140,6 +141,8 @@ def _check(recipe: Recipe, batches: list[CalibBatch]) -> None:
         raise ConfigError(
             "reconstruction needs symmetric quantizers (its output must be deployable); calibrate with symmetric scales"
         )
+    if recipe.spec.weight_fmt.is_float:
+        raise ConfigError(RECONSTRUCT_FLOAT)
     if not batches:
         raise InputError("no calibration batches to reconstruct on; record calibration inputs first")
 

@@ -2,7 +2,8 @@
 PTQ4DiT's percentile clips, an MSE clip search of the tensor's own error, or an output-aware clip
 search ("output") that scores each clip by the error it causes in the layer's *output* on recorded
 inputs. The quantizers themselves (their Q/DQ semantics) are :mod:`ditrt.contracts.quantizers`; these
-are pure tensor functions too.
+are pure tensor functions too. ``bits`` is the grid: an integer width or a number format (FP8 E4M3,
+whose symmetric scale maps the clip to 448 instead of 127; it has no asymmetric form).
 
 The output-aware search tries the MSE search's clips (:data:`MSE_RATIOS` of the full range) and keeps
 the one with the lowest output error:
@@ -123,13 +124,16 @@ def _search_scale(g: torch.Tensor, bits: int, symmetric: bool, search: str, absm
 
 
 def weight_groups(w: torch.Tensor, granularity: str = "channel", block_size: int | None = None) -> torch.Tensor:
-    """A Linear weight (out, in) as groups: (out, in) per channel, (out, in // block, block) block-wise."""
+    """A Linear weight (out, in) as groups: (out, in) per channel, (out * in,) per tensor,
+    (out, in // block, block) block-wise."""
     if w.ndim != 2:
         raise InputError(f"a Linear weight must be 2-D (out, in), got shape {tuple(w.shape)}; flatten conv weights first")
     if granularity == "channel":
         return w.detach()
+    if granularity == "tensor":
+        return w.detach().reshape(-1)
     if granularity != "block":
-        raise ConfigError(f"unknown weight granularity {granularity!r}; choose 'channel' or 'block'")
+        raise ConfigError(f"unknown weight granularity {granularity!r}; choose 'channel', 'tensor' or 'block'")
     out_f, in_f = w.shape
     if not block_size or block_size <= 0 or in_f % block_size:
         raise ConfigError(
@@ -151,7 +155,7 @@ def weight_scale(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point of a Linear weight (out, in).
 
-    Returns scale ``(out,)`` per output channel or ``(out, in // block_size)`` block-wise, and the
+    Returns scale ``(out,)`` per output channel, ``()`` per tensor or ``(out, in // block_size)`` block-wise, and the
     zero point (same shape, float, integer-valued) when asymmetric, else None. ``search``:
     "minmax" clips at max|w| of each group; "percentile" also tries the |w| quantiles
     :data:`PERCENTILES` (PTQ4DiT's init) and "mse" the clips ``max * r`` (:data:`MSE_RATIOS`),
@@ -177,6 +181,8 @@ def _weight_output_error(gram: torch.Tensor | None, shape, granularity: str, blo
     h = gram.float()
     if granularity == "channel":
         return lambda d: ((d @ h) * d).sum(dim=-1)
+    if granularity == "tensor":
+        return lambda d: ((d.reshape(shape) @ h) * d.reshape(shape)).sum()
     nb = in_f // block_size
     hb = torch.stack([h[i * block_size : (i + 1) * block_size, i * block_size : (i + 1) * block_size] for i in range(nb)])
     return lambda d: torch.einsum("onb,nbc,onc->on", d, hb, d)

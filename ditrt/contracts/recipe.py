@@ -20,8 +20,11 @@ A recipe directory holds
 Quantizer semantics, shared by the torch simulation and the ONNX Q/DQ export:
 ``q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax)``, ``x_hat = (q - zero_point) * scale``
 with ``qmin, qmax = -2^(b-1), 2^(b-1) - 1`` (signed; INT8 -128..127, INT4 -8..7), as ONNX
-QuantizeLinear/DequantizeLinear define them. Weight scales of a Linear with weight (out, in):
-``(out,)`` per output channel, or ``(out, in // block)`` block-wise along the input dimension.
+QuantizeLinear/DequantizeLinear define them; FP8 (precision ``fp8``) rounds ``x / scale`` clamped to
++-448 to the nearest E4M3 value instead, with no zero point (:mod:`ditrt.contracts.quantizers`; its
+``weight_bits``/``act_bits`` are 8 like INT8's: the precision names the grid). Weight scales of a
+Linear with weight (out, in): ``(out,)`` per output channel, ``()`` per tensor (fp8), or
+``(out, in // block)`` block-wise along the input dimension.
 Block sizes may differ per layer (``qdit``): the scale's shape says which (``(out,)`` per channel,
 ``(out, in // block)`` block-wise) and :attr:`Recipe.layer_block_sizes` records it.
 Input (activation) scales are per tensor: shape ``()``, or ``(K,)`` with K timestep groups
@@ -68,7 +71,7 @@ class Recipe:
     model_config: dict
     weight_bits: int = 8
     act_bits: int | None = 8
-    weight_granularity: str = "channel"  # "channel" or "block"
+    weight_granularity: str = "channel"  # "channel", "tensor" (fp8) or "block"
     block_size: int | None = None
     symmetric: bool = True
     scale_search: str = "mse"  # weights: "minmax", "percentile" or "mse"

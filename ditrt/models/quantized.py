@@ -1,8 +1,9 @@
 """Simulated (fake-)quantized DiTs: what a recipe computes, in torch.
 
 :class:`QuantLinear` replaces each quantized ``nn.Linear``: it fake-quantizes its input
-(per tensor, when the recipe quantizes activations) and its weight (per output channel or
-block-wise), with exactly the Q/DQ semantics the ONNX export writes.
+(per tensor, when the recipe quantizes activations) and its weight (per output channel, per tensor or
+block-wise), onto the grids of the recipe's precision (INT8, INT4, FP8 E4M3), with exactly the Q/DQ
+semantics the ONNX export writes.
 
 Two activation options beyond one static scale: K timestep groups (``input_scale`` of shape
 ``(K,)``; the model's forward pre-hook picks the group from ``t``, as the runtime picks one graph
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditrt.contracts.errors import ArtifactError
-from ditrt.contracts.quantizers import fake_quant, fake_quant_weight, qrange
+from ditrt.contracts.quantizers import fake_quant, fake_quant_weight, number_format, qrange
 from ditrt.contracts.recipe import Recipe, batch_timestep_group
 
 
@@ -38,9 +39,10 @@ class QuantLinear(nn.Module):
     the module and moved by ``.to``); the zero points and the input scale may be None.
 
     ``group``: the timestep group whose input scale applies, set by the model's pre-hook: an int, or
-    a ``(B,)`` int64 tensor of each row's group on the input's device."""
+    a ``(B,)`` int64 tensor of each row's group on the input's device. ``weight_bits``/``act_bits``: the grids,
+    integer widths or number formats (:class:`ditrt.contracts.precisions.NumberFormat`, e.g. FP8 E4M3)."""
 
-    def __init__(self, linear: nn.Linear, *, weight_bits: int, act_bits: int | None, symmetric: bool = True, dynamic: bool = False):
+    def __init__(self, linear: nn.Linear, *, weight_bits, act_bits, symmetric: bool = True, dynamic: bool = False):
         super().__init__()
         self.dynamic = dynamic
         self.group: int | torch.Tensor = 0  # set by the model's pre-hook (see the class doc)
@@ -91,9 +93,10 @@ class QuantLinear(nn.Module):
         return column.to(x.dtype)  # keeps x's dtype, as a 0-dim scale does
 
     def extra_repr(self) -> str:
-        a = f"a{self.act_bits}" if self.act_bits else "a16"
+        w = number_format(self.weight_bits).name
+        a = number_format(self.act_bits).name if self.act_bits is not None else "float"
         smoothed = ", input / d" if self.input_divisor is not None else ""
-        return f"{self.in_features} -> {self.out_features}, w{self.weight_bits}{a}, {'sym' if self.symmetric else 'asym'}{smoothed}"
+        return f"{self.in_features} -> {self.out_features}, {w} weights, {a} inputs, {'sym' if self.symmetric else 'asym'}{smoothed}"
 
 
 # ---------------------------------------------------------------------------- run-time smoothing
@@ -148,7 +151,7 @@ def runtime_divisors(tensors: dict, recipe: Recipe | None = None) -> dict[str, t
     return found
 
 
-def dynamic_scale(x: torch.Tensor, bits: int) -> torch.Tensor:
+def dynamic_scale(x: torch.Tensor, bits) -> torch.Tensor:
     """Symmetric per-sample scales (shape (N, 1, ..., 1)) from each sample's max |x|, computed every call."""
     amax = x.detach().abs().reshape(x.shape[0], -1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
     return (amax / qrange(bits)[1]).reshape(-1, *([1] * (x.ndim - 1)))
@@ -211,7 +214,8 @@ def quantized_model(model: nn.Module, recipe: Recipe, tensors: dict[str, torch.T
         lin = get_module(q, name)
         if not isinstance(lin, nn.Linear):
             raise ArtifactError(f"recipe layer {name} is not a Linear in this model; re-run `ditrt calibrate` for it")
-        ql = QuantLinear(lin, weight_bits=recipe.weight_bits, act_bits=recipe.act_bits, symmetric=recipe.symmetric,
+        spec = recipe.spec  # the precision's grids (its integer widths alone do not tell INT8 from FP8)
+        ql = QuantLinear(lin, weight_bits=spec.weight_fmt, act_bits=spec.act_fmt, symmetric=recipe.symmetric,
                          dynamic=recipe.dynamic_activations)  # fmt: skip
         p = f"quant.{name}."
         if p + "weight_scale" not in tensors:
