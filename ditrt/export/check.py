@@ -8,8 +8,11 @@ rule                   what it asks
 =====================  ==========================================================================
 onnx-checker           the model is valid ONNX
 opset                  the declared opset covers the graph (LayerNorm 17, per-axis Q/DQ 13,
-                       float16 scales 19, Gelu 20, INT4 and ``block_size`` 21)
+                       float16 scales and FP8 19, Gelu 20, INT4 and ``block_size`` 21)
 zero-point             every Q/DQ zero point is 0 (TensorRT quantization is symmetric)
+fp8                    FP8 Q/DQ are E4M3FN (TensorRT's only FP8), their zero point is given as a
+                       FLOAT8E4M3FN 0 (without one ONNX quantizes to UINT8), a QuantizeLinear
+                       saturates (``saturate=1``: TensorRT clips to +-448), activations per tensor
 scale-constant         scales and zero points are build-time constants
 qdq-dtype              Q input, scale and DQ output share one float type, and a weight DQ's output
                        type is its consumer's activation type
@@ -57,6 +60,12 @@ NONLINEAR_OPS = {
 #: Ops that move or retype data without computing: followed when looking for a Q/DQ's real consumer.
 PASS_THROUGH = {"Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten"}
 QDQ = {"QuantizeLinear", "DequantizeLinear"}
+
+
+def _fp8_types() -> set[int]:
+    from onnx import TensorProto
+
+    return {getattr(TensorProto, t) for t in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")}
 #: onnx.TensorProto names of the float types that can hold NaN or inf: the tensors the finite rule reads.
 FLOAT_TYPES = ("FLOAT", "FLOAT16", "DOUBLE", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")
 
@@ -204,6 +213,7 @@ class _Checker:
                 self.check_qdq_constants(n)
                 self.check_dtypes(n)
                 self.check_int4(n)
+                self.check_fp8(n)
             if n.op_type == "DequantizeLinear":
                 if self.is_const(n.input[0]):
                     self.check_weight_axis(n)
@@ -223,6 +233,8 @@ class _Checker:
             scale_t = self.types.get(n.input[1])
             if self.attr(n, "block_size", 0) or self.qtype(n) in (TensorProto.INT4, TensorProto.UINT4):
                 need.append((21, "INT4 / block-wise Q/DQ"))
+            elif self.qtype(n) in _fp8_types():
+                need.append((19, "FP8 Q/DQ"))
             elif scale_t in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
                 need.append((19, "float16/bfloat16 Q/DQ scales"))
             elif self.attr(n, "axis") is not None and self.const(n.input[1]) is not None and self.const(n.input[1]).size > 1:
@@ -333,6 +345,25 @@ class _Checker:
             self.add(
                 n, "int4-block", f"INT4 blocks must run along one of the last two dims, got axis {axis} of a rank-{rank} weight"
             )
+
+    def check_fp8(self, n) -> None:
+        from onnx import TensorProto
+
+        qt = self.qtype(n)
+        zp_t = self.types.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if qt not in _fp8_types() and zp_t not in _fp8_types():
+            return
+        if TensorProto.FLOAT8E4M3FN not in (qt, zp_t) or (zp_t is not None and zp_t != TensorProto.FLOAT8E4M3FN):
+            got = TensorProto.DataType.Name(zp_t if zp_t in _fp8_types() else qt)
+            self.add(n, "fp8", f"{got} is not TensorRT's FP8: quantize to FLOAT8E4M3FN")
+        if n.op_type == "QuantizeLinear" and zp_t is None:
+            self.add(n, "fp8", "an FP8 QuantizeLinear needs a FLOAT8E4M3FN zero point of 0 (without one ONNX quantizes to UINT8)")
+        if n.op_type == "QuantizeLinear" and self.attr(n, "saturate", 1) != 1:
+            self.add(n, "fp8", "saturate=0 turns values beyond +-448 into NaN; TensorRT clips them: set saturate=1")
+        activation = n.op_type == "QuantizeLinear" or not self.is_const(n.input[0])
+        scale = self.const(n.input[1])
+        if activation and scale is not None and scale.size != 1:
+            self.add(n, "fp8", f"FP8 activations are quantized per tensor in TensorRT, got {scale.size} scales")
 
     def check_weight_axis(self, n) -> None:
         scale = self.const(n.input[1])

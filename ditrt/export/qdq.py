@@ -8,7 +8,13 @@ DequantizeLinear:
 - w8a8: int8 weight, DQ per output channel (``axis=1`` of ``[in, out]``), and a per-tensor symmetric
   ``QuantizeLinear -> DequantizeLinear`` (int8, zero point 0) on the MatMul's activation input;
 - w4a16: INT4 weight (two per byte), DQ block-wise along the input dimension (``axis=0``,
-  ``block_size`` 64 or 128, opset 21), activations left in float.
+  ``block_size`` 64 or 128, opset 21), activations left in float;
+- fp8: FLOAT8E4M3FN weight initializer with one scale (per-tensor DQ), and a per-tensor
+  ``QuantizeLinear (saturate=1) -> DequantizeLinear`` with a FLOAT8E4M3FN zero point of 0 on the
+  activation input (opset 19). Pre-quantized FP8 weights behind a DQ are what TensorRT takes ("when
+  using pre-quantized weights, an IDequantizeLayer is required between the weights and the linear
+  operator", TensorRT's Explicit Quantization guide) and what Model Optimizer's FP8 ONNX export writes
+  (its ``compress_weights``: FP8 initializers + DQ, pre-transposed for the MatMul; Q/DQ kept on activations).
 
 Why ``[in, out]``: TensorRT accepts both ``DQ(W[out,in], axis 0) -> Transpose`` and the pre-transposed
 form, but ONNX Runtime fuses only ``DQ -> MatMul`` (to ``MatMulIntegerToFloat`` / ``MatMulNBits``), so
@@ -41,8 +47,11 @@ from ditrt.models.quantized import folded_float_model, input_reciprocal, runtime
 log = logging.getLogger(__name__)
 
 _NP = {"fp32": np.float32, "fp16": np.float16}
-#: The ONNX integer element type of each registry number format (:data:`ditrt.contracts.precisions.FORMATS`).
-_INT = {"int8": np.int8, "int4": ml_dtypes.int4}
+#: The numpy type of each registry number format (:data:`ditrt.contracts.precisions.FORMATS`), which onnx_ir
+#: writes as its ONNX element type (INT8, INT4, FLOAT8E4M3FN).
+_INT = {"int8": np.int8, "int4": ml_dtypes.int4, "e4m3": ml_dtypes.float8_e4m3fn}
+#: Lowest opset whose QuantizeLinear/DequantizeLinear take FP8 (and its ``saturate`` attribute).
+FP8_OPSET = 19
 
 
 # ------------------------------------------------------------------------------------- validation
@@ -66,6 +75,8 @@ def check_exportable(
     if spec.weight_format == "int4" or spec.weight_granularity == "block":
         if opset < 21:
             raise ConfigError(f"{spec.name} needs opset 21 (INT4 and block-wise DequantizeLinear), got opset {opset}")
+    if spec.weight_fmt.is_float and opset < FP8_OPSET:
+        raise ConfigError(f"{spec.name} needs opset {FP8_OPSET} (FP8 QuantizeLinear/DequantizeLinear), got opset {opset}")
     if spec.weight_granularity == "block":
         blocks = {recipe.block_size} | set(recipe.layer_block_sizes.values())
         bad = sorted(b for b in blocks if b not in INT4_BLOCK_SIZES)
@@ -209,10 +220,12 @@ def _smooth_input(graph, matmul, layer: str, divisor: torch.Tensor, in_features:
 
 
 def quantized_weight(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> np.ndarray:
-    """Integers of a Linear weight (out, in) in number format ``fmt`` ("int8", "int4"), stored
-    transposed as (in, out): int8 or ml_dtypes.int4 (ONNX packs INT4 two per byte)."""
-    bits = FORMATS[fmt].bits
-    q = quantize(weight.detach().float(), expand_weight_scale(scale.float(), weight.shape), None, bits).to(torch.int8)
+    """Grid values of a Linear weight (out, in) in number format ``fmt`` ("int8", "int4", "e4m3"), stored
+    transposed as (in, out): int8, ml_dtypes.int4 (ONNX packs INT4 two per byte) or ml_dtypes.float8_e4m3fn
+    (each value already on the E4M3 grid, so the conversion is exact)."""
+    f = FORMATS[fmt]
+    q = quantize(weight.detach().float(), expand_weight_scale(scale.float(), weight.shape), None, f)
+    q = q if f.is_float else q.to(torch.int8)
     return q.t().contiguous().numpy().astype(_INT[fmt], copy=False)
 
 
@@ -297,17 +310,20 @@ def _insert_layer(graph, node, layer: str, weight: torch.Tensor, recipe: Recipe,
     p = f"quant.{layer}."
     wscale, spec = tensors[p + "weight_scale"], recipe.spec
     out_f, in_f = weight.shape
-    blockwise = spec.weight_granularity == "block"
+    blockwise, per_tensor = spec.weight_granularity == "block", spec.weight_granularity == "tensor"
     block = recipe.block_of(layer) if blockwise else None
     if blockwise and (not block or in_f % block):
         raise ConfigError(f"{layer} has {in_f} inputs, not a multiple of the INT4 block size {block}; leave it unquantized")
-    want = (out_f, in_f // block) if blockwise else (out_f,)
+    want = (out_f, in_f // block) if blockwise else () if per_tensor else (out_f,)
     if tuple(wscale.shape) != want:
         raise ArtifactError(f"{p}weight_scale has shape {tuple(wscale.shape)}, expected {want}; re-run `ditrt calibrate`")
     wq = _const(graph, f"{layer}.weight_quantized", quantized_weight(weight, wscale, spec.weight_format))
     if blockwise:  # scales (in // block, out): block-wise along the input dimension of the (in, out) weight
         ws = _const(graph, f"{layer}.weight_scale", _graph_scale(wscale.t().contiguous(), dtype, f"{layer} weight"))
         attrs = {"axis": 0, "block_size": block}
+    elif per_tensor:  # one scale: a per-tensor DQ
+        ws = _const(graph, f"{layer}.weight_scale", _graph_scale(wscale.reshape(()), dtype, f"{layer} weight"))
+        attrs = {}
     else:  # per output channel: axis 1 of (in, out)
         ws = _const(graph, f"{layer}.weight_scale", _graph_scale(wscale.reshape(-1), dtype, f"{layer} weight"))
         attrs = {"axis": 1}
@@ -323,7 +339,8 @@ def _insert_layer(graph, node, layer: str, weight: torch.Tensor, recipe: Recipe,
         scale = scale[group] if scale.ndim == 1 else scale
         s = _const(graph, f"{layer}.input_scale", _graph_scale(scale.reshape(()), dtype, f"{layer} input"))
         zp = _const(graph, f"{layer}.input_zero_point", np.zeros((), _INT[spec.act_format]))
-        q = ir.node("QuantizeLinear", [matmul.inputs[0], s, zp], name=f"{layer}/input_quantize")
+        saturate = {"saturate": 1} if spec.act_fmt.is_float else {}  # FP8: clamp to +-448, as TensorRT and the simulation do
+        q = ir.node("QuantizeLinear", [matmul.inputs[0], s, zp], attributes=saturate, name=f"{layer}/input_quantize")
         q.outputs[0].name = f"{layer}.input_quantized"
         dq = ir.node("DequantizeLinear", [q.outputs[0], s, zp], name=f"{layer}/input_dequantize")
         dq.outputs[0].name = f"{layer}.input_dequantized"
