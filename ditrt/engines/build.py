@@ -3,8 +3,9 @@ Polygraphy's TensorRT loaders, written atomically with its sidecar.
 
 TensorRT is imported lazily: this module imports (and its pure parts run) without it.
 Precision comes only from the graph (TensorRT 10.12+ strong typing, the only mode on 11.x):
-float16 from its dtypes and Casts, INT8/INT4 from its Q/DQ nodes. No FP16/INT8 builder flags,
-no calibrator.
+float16 from its dtypes and Casts, INT8/INT4/FP8 from its Q/DQ nodes. No FP16/INT8 builder flags,
+no calibrator. A precision that needs newer tensor cores (fp8: compute capability 8.9) is refused on
+an older GPU before TensorRT is imported.
 """
 
 from __future__ import annotations
@@ -107,6 +108,19 @@ def check_buildable(onnx_path, precision: str | None, dtype: str | None) -> None
         get_precision(precision).check_buildable(dtype, onnx_path)
 
 
+def check_gpu_supports(onnx_path, precision: str | None, capability: tuple[int, int]) -> None:
+    """Refuse a graph whose precision needs newer tensor cores than a GPU of compute ``capability``
+    (major, minor) has, as the registry says (:meth:`Precision.check_gpu`: fp8 needs 8.9, Ada and
+    Hopper). A pure function of the capability: the caller reads it before TensorRT is imported."""
+    if precision in PRECISIONS:
+        get_precision(precision).check_gpu(capability, onnx_path)
+
+
+def needs_gpu_check(precision: str | None) -> bool:
+    """Whether ``precision`` asks for a minimum compute capability (the GPU is then read first)."""
+    return precision in PRECISIONS and get_precision(precision).min_compute_capability is not None
+
+
 def polygraphy_profile(shapes: dict[str, ShapeRange]):
     """Our profile as a ``polygraphy.backend.trt.Profile``."""
     from polygraphy.backend.trt import Profile
@@ -161,8 +175,12 @@ def engine_from_onnx(onnx_path: Path, out_path: Path, config: BuildConfig | None
         raise ConfigError(f"--out {out_path} would overwrite the ONNX; name the engine e.g. {onnx_path.with_suffix('.plan')}")
     summary = read_onnx(onnx_path)
     check_buildable(onnx_path, summary.precision, summary.dtype)
+    index = None
+    if needs_gpu_check(summary.precision):  # an FP8 graph on a pre-Ada GPU is refused before TensorRT is imported
+        index = require_cuda_gpu(device)
+        check_gpu_supports(onnx_path, summary.precision, gpu_identity(index)[1])
     trt = import_tensorrt(builder=True)
-    index = require_cuda_gpu(device)
+    index = require_cuda_gpu(device) if index is None else index
     shapes = profile_shapes(summary.inputs, config)
     onnx_hash = onnx_sha256(onnx_path, summary.external_data)
     gpu_name, capability = gpu_identity(index)

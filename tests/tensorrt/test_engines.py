@@ -1,5 +1,5 @@
-"""Real TensorRT engines of a small random DiT (the built-in model's architecture), fp16, w8a8 and
-w4a16, built through ``ditrt.engines`` and run by ``TensorRTDenoiser``, compared with ONNX Runtime
+"""Real TensorRT engines of a small random DiT (the built-in model's architecture), fp16, w8a8,
+w4a16 and fp8 (on GPUs of compute capability 8.9+ only), built through ``ditrt.engines`` and run by ``TensorRTDenoiser``, compared with ONNX Runtime
 running the very same ONNX graph on real sampler inputs.
 
 These need TensorRT 10.12+ and an NVIDIA GPU; where either is absent (this project's machines and
@@ -136,6 +136,33 @@ def test_engine_matches_onnxruntime_on_the_same_graph(name, engines, onnx_files,
         assert out.shape == ref[:rows].shape and out.dtype == torch.float32 and out.is_cuda
         err = rel_l2(out, ref[:rows])
         assert err <= bound, f"{name}: rel L2 {err:.2e} > {bound:.0e} at batch {rows}"
+
+
+#: FP8 tensor cores exist from compute capability 8.9 (Ada, Hopper); older GPUs refuse the graph (tests/engines).
+FP8_GPU = torch.cuda.is_available() and tuple(torch.cuda.get_device_capability()) >= (8, 9)
+
+
+@pytest.mark.skipif(not FP8_GPU, reason="FP8 engines need a GPU of compute capability 8.9 or newer (Ada, Hopper)")
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_fp8_engine_matches_onnxruntime_on_the_same_graph(dtype, model, batches, settings, inputs, tmp_path):
+    """An fp8 (E4M3) graph built by TensorRT against ONNX Runtime on the CPU running the same graph. Bound
+    1e-2 for both dtypes: an FP8 activation that lands on the other side of a rounding boundary moves by
+    up to 1/16 of itself (3 mantissa bits, not INT8's 1/127 of the range), and Hopper's FP8 GEMMs do not
+    accumulate in full float32, so the float32 graph gets the float16 cases' bound, not w8a8's 1e-3."""
+    from ditrt.calibrate.ptq import CalibrateConfig, calibrate
+    from ditrt.export import export_onnx
+    from ditrt.runtime.tensorrt_backend import TensorRTDenoiser
+
+    m = copy.deepcopy(model)
+    recipe, tensors = calibrate(m, CalibrateConfig(method="ptq4dit", precision="fp8", calibration=settings), batches)
+    onnx_path = export_onnx(m, tmp_path / f"fp8-{dtype}.onnx", dtype=dtype, recipe=recipe, tensors=tensors)
+    engine = engine_from_onnx(onnx_path, tmp_path / f"fp8-{dtype}.plan", BATCH)
+    assert load_sidecar(engine).precision == "fp8"
+    x, t, y = inputs
+    ref = _ort(onnx_path, x, t, y)
+    out = TensorRTDenoiser(engine, device="cuda", onnx_path=onnx_path)(x.cuda(), t.cuda(), y.cuda())
+    err = rel_l2(out, ref)
+    assert err <= 1e-2, f"fp8 {dtype}: rel L2 {err:.2e} > 1e-2"
 
 
 def test_cuda_graph_replays_match_eager(engines, inputs):
