@@ -1,4 +1,4 @@
-"""The quality table: float vs every calibration method at w8a8, w4a16, w4a8 (simulated), on the
+"""The quality table: float vs every calibration method at every registered precision (w8a8, w4a16, fp8; w4a8 simulated), on the
 built-in model and its stress variant, with N samples per row chosen per step count.
 
 A benchmark, not a test: it writes docs/results/quality.md and docs/results/quality.json.
@@ -56,6 +56,7 @@ from ditrt.calibrate.ptq import CalibrateConfig, calibrate
 from ditrt.calibrate.stress import inject_salient_channels
 from ditrt.contracts.errors import ConfigError
 from ditrt.contracts.files import atomic_write, state_dict_hash, tensors_sha256
+from ditrt.contracts.precisions import PRECISIONS as PRECISION_REGISTRY
 from ditrt.contracts.recipe import CalibrationSettings
 from ditrt.diffusion.recording import record_calibration_inputs
 from ditrt.diffusion.sample_set import generate
@@ -67,7 +68,7 @@ from ditrt.quality import metrics
 from ditrt.runtime.open import open_denoiser
 
 METHODS = ("minmax", "smoothquant", "ptq4dit")
-PRECISIONS = ("w8a8", "w4a16", "w4a8")
+PRECISIONS = tuple(PRECISION_REGISTRY)  #: every registered precision, in registration order
 MODELS = ("builtin", "stress")
 #: where a row's samples come from: torch (the simulation, against torch float samples), onnxruntime
 #: (the exported graphs, against the float graph's samples), floor (a recipe's graph against torch float)
