@@ -75,13 +75,18 @@ class LayerQuant:
     def output(
         self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, d: torch.Tensor, act_absmax: torch.Tensor | None
     ) -> torch.Tensor:
-        """``Q(x / d) Q(W * d)^T + b``: W is quantized after smoothing, as the exported model stores it."""
+        """``Q(x / d) Q(W * d)^T + b``: W is quantized after smoothing, as the exported model stores it.
+        The output-aware searches score their clips on ``x`` itself (the Gram matrix of ``x / d`` for the
+        weight, the rows ``x / d`` for the activation): the rows the alpha search judges the layer on."""
         xs, ws = x / d, w * d[None, :]
-        w_scale, _ = weight_scale(ws, self.w_bits, granularity=self.granularity, block_size=self.block_size, search=self.search)
+        gram = xs.T @ xs if self.search == "output" else None
+        w_scale, _ = weight_scale(ws, self.w_bits, granularity=self.granularity, block_size=self.block_size, search=self.search, gram=gram)
         wq = fake_quant_weight(ws, w_scale, None, self.w_bits)
         if self.a_bits is not None:
             absmax = xs.abs().max() if act_absmax is None else act_absmax
-            a_scale, _ = activation_scale(xs, self.a_bits, search=self.act_search or self.search, absmax=absmax)
+            act_search = self.act_search or self.search
+            rows = {"rows": xs, "weight": ws, "weight_q": wq} if act_search == "output" else {}
+            a_scale, _ = activation_scale(xs, self.a_bits, search=act_search, absmax=absmax, **rows)
             xs = fake_quant(xs, a_scale, None, self.a_bits)
         return F.linear(xs, wq, b)
 

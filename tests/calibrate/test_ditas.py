@@ -77,6 +77,21 @@ def test_search_without_activation_quantization_never_loses_to_identity():
     assert grid_only == errors[1:]
 
 
+def test_the_output_aware_searches_score_their_clips_on_the_rows_the_alpha_search_judges():
+    # the weight clip is scored by dW H dW^T with H the Gram matrix of the smoothed rows themselves, so
+    # at weight-only precision it is the argmin of the very output error the alpha search reports:
+    # never above min-max's (clip ratio 1.0 is a candidate), for every divisor
+    x, w, b = _salient_layer(seed=3)
+    cmax = x.abs().amax(dim=0)
+    for d in (torch.ones(64), ditas_factor(cmax, weight_salience(w), 0.5)):
+        out = layer_output_error(x, w, b, d, LayerQuant(8, None, search="output"))
+        assert out <= layer_output_error(x, w, b, d, LayerQuant(8, None, search="minmax")) * (1 + 1e-5)
+    # at w8a8 the activation clip is scored on the same rows; the search returns a candidate's divisor
+    _, alpha, errors = search_alpha(x, cmax, w, b, LayerQuant(8, 8, search="output"))
+    assert len(errors) == 1 + len(ALPHA_GRID) and all(e == e and e >= 0 for e in errors)
+    assert min(errors) < errors[0]  # smoothing the 50x channels still beats no smoothing
+
+
 def test_capture_keeps_sampled_rows_and_the_max_over_all_tokens(model, batches):
     captured = capture_layer_inputs(model, ["blocks.0.attn.qkv", "blocks.2.attn.proj"], batches, tokens_per_batch=16)
     stats = observe_linear_inputs(model, ["blocks.0.attn.qkv"], batches)
