@@ -400,9 +400,9 @@ def markdown(results: dict, command: str) -> str:
             "N samples per row (labels cycling 0-9, seeds 0..N-1), cfg 1.5, DDPM; calibration: 25 steps of the 250-step run x 32 samples "
             f"(+ null class, seed 0). **PSNR** (primary): paired PSNR against the float model's samples with the same seeds, with its "
             f"{CONFIDENCE:.0%} percentile bootstrap interval over samples ({RESAMPLES} resamples of N whole samples, pooled MSE). "
-            "**rank**: 1 + the number of rows (same model, steps, N and precision) whose interval lies wholly above this row's; "
+            "**rank**: 1 + the number of rows (same model, steps, N, precision and backend) whose interval lies wholly above this row's; "
             "rows whose intervals overlap are not told apart and may share a rank. A `~` after the rank: the row's interval reaches "
-            "the noise floor's (below), so its distance from float is no larger than what executing the same recipe on another "
+            "the interval of its precision's noise floor (below), so its distance from float is no larger than what executing the same recipe on another "
             "backend changes; its rank need not carry over to deployment. "
             f"**SQNR** (one step): 10 log10(|eps_float|^2 / |eps_q - eps_float|^2) of the noise prediction (the first C output "
             f"channels; the learned variance is left out) on held-out inputs: 25 steps of float 250-step trajectories from seed "
@@ -425,7 +425,7 @@ def markdown(results: dict, command: str) -> str:
     for variant in dict.fromkeys(r["model"] for r in rows):
         lines += [f"## {variant}", ""]
         mine = [r for r in rows if r["model"] == variant]
-        floors = {(str(r["steps"]), r["num"]): r for r in mine if r["backend"] == "floor"}
+        floors = {(str(r["steps"]), r["num"], r["precision"]): r for r in mine if r["backend"] == "floor"}
         lines += [_floor_line(f, mine) for f in floors.values()] or ["No noise-floor row measured (run with --floor)."]
         lines += [_float_line(r) for r in mine if r["method"] == "float" and r["backend"] == "onnxruntime"]
         lines += ["", "| steps | N | method | precision | PSNR dB [95% CI] | rank | SQNR mean / pooled dB | FD | FD vs float | class acc | calib s (load) |",
@@ -433,7 +433,7 @@ def markdown(results: dict, command: str) -> str:
         float_fd = {(str(r["steps"]), r["num"], r["backend"]): r["fd"] for r in mine if r["method"] == "float"}
         for r in mine:
             fd_ref = float_fd.get((str(r["steps"]), r["num"], "torch" if r["backend"] == "floor" else r["backend"]))
-            lines.append(_table_row(r, rank.get(id(r)), floors.get((str(r["steps"]), r["num"])), fd_ref))
+            lines.append(_table_row(r, rank.get(id(r)), floors.get((str(r["steps"]), r["num"], r["precision"])), fd_ref))
         lines.append("")
     return "\n".join(lines)
 
