@@ -82,10 +82,13 @@ def _provider_name(name: str) -> str:
     return _PROVIDER_NAMES.get(name.lower(), name)
 
 
-def make_session(path, *, providers=None, threads: int | None = None, optimized_model_path=None):
+def make_session(path, *, providers=None, threads: int | None = None, optimized_model_path=None, profile_prefix=None,
+                 disabled_optimizers=DISABLED_OPTIMIZERS):  # fmt: skip
     """An ``onnxruntime.InferenceSession`` with the settings above. ``threads`` (None: ONNX Runtime's
     default) sets the intra-op thread count; ``optimized_model_path`` saves the graph as ONNX Runtime
-    rewrote it (to see which fused kernels it runs)."""
+    rewrote it (to see which fused kernels it runs); ``profile_prefix`` turns on ONNX Runtime's
+    profiler, whose JSON trace ``session.end_profiling()`` writes (``bench/ort_profile.py``);
+    ``disabled_optimizers``: the graph rewrites switched off (the benchmarks measure other choices)."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -99,9 +102,12 @@ def make_session(path, *, providers=None, threads: int | None = None, optimized_
         so.add_session_config_entry(key, value)
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
     chosen = resolve_providers(providers)
     try:
-        return ort.InferenceSession(os.fspath(path), so, providers=chosen, disabled_optimizers=list(DISABLED_OPTIMIZERS))
+        return ort.InferenceSession(os.fspath(path), so, providers=chosen, disabled_optimizers=list(disabled_optimizers))
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/InvalidProtobuf types
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"ONNX Runtime cannot load {path} ({first}); re-export it with `ditrt export`") from None
