@@ -2,12 +2,31 @@
 ``(x, t, y) -> output`` call, on the CPU (or CUDA with onnxruntime-gpu).
 
 Session settings that keep quantized graphs on real integer kernels, with exact results:
-- ``MatMulAddFusion`` is disabled: it turns every exported Linear (3-D ``MatMul + Add``) into a float
-  Gemm before the Q/DQ fusions run, losing the int8 kernel (and at opset 21 it makes session creation
-  fail, onnxruntime#25526). Then ``Q -> DQ -> MatMul`` with an int8 DQ weight fuses to
-  ``MatMulIntegerToFloat`` and a block-wise INT4 DQ weight to ``MatMulNBits``.
+- ``MatMulAddFusion`` is disabled: it turns a Linear's ``MatMul + Add`` into a float Gemm before the
+  Q/DQ fusions run, losing the int8 kernel. Still needed with 1.32 (measured, issue 15): it leaves the
+  3-D token Linears of ditrt's graphs alone (their batch is dynamic and it rewrites 3-D MatMuls only
+  at known shapes, where at opset 21 it makes session creation fail, onnxruntime#25526), but it takes
+  the 2-D ones (adaLN and timestep MLP, quantized by ``--quantize-all`` recipes) off the int8 kernel.
+  Then ``Q -> DQ -> MatMul`` with an int8 DQ weight fuses to ``MatMulIntegerToFloat`` and a block-wise
+  INT4 DQ weight to ``MatMulNBits``.
+- ``SkipLayerNormFusion`` is disabled: it fuses the last residual ``Add`` with the final LayerNorm
+  into one ``SkipLayerNormalization``, whose CPU kernel took 4.3 ms where the ``Add`` and the
+  ``LayerNormalization`` it replaces take 0.7 ms together (64 x 64 x 192, one thread; issue 15); unfused,
+  ONNX Runtime also computes what the graph and the torch simulation say (the fused kernel rounds
+  differently, 1e-6).
 - ``session.qdq_matmulnbits_accuracy_level = 0``: ``MatMulNBits`` would otherwise quantize its float
   activations to int8 on the fly (about 2% error); 0 keeps them float, as the graph says.
+
+What ONNX Runtime 1.32 cannot fuse (issue 15; ``bench/ort_profile.py`` prints the breakdown): the
+Linear bias. ``MatMulIntegerToFloat`` takes a bias input, but only the fusion of the explicit
+``MatMulInteger -> Cast -> Mul -> Add`` form fills it (``MatMulIntegerToFloatFusion``); the Q/DQ fusion
+that makes it from ``DQ -> MatMul`` does not look at the ``Add`` after it, and ``MatMulInteger`` is no
+TensorRT op. A Q/DQ Gemm fuses its bias only as an INT32 DequantizeLinear, which TensorRT does not
+take either. So each quantized Linear keeps a float ``Add`` (the bias of fc1 goes into ``FastGelu``).
+
+Threads: ``threads`` sets ONNX Runtime's intra-op pool (None: its default, one per core); on the
+2-core development machine 2 threads beat 1 only when nothing else runs (the measurements are in
+``bench/results/ort_profile/``).
 """
 
 from __future__ import annotations
@@ -24,7 +43,7 @@ from ditrt.contracts.spec import INPUT_NAMES, OUTPUT_NAMES
 
 log = logging.getLogger(__name__)
 
-DISABLED_OPTIMIZERS = ("MatMulAddFusion",)
+DISABLED_OPTIMIZERS = ("MatMulAddFusion", "SkipLayerNormFusion")
 SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
 _PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
