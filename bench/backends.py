@@ -7,6 +7,7 @@ measured in the same run.
 
     .venv/bin/python bench/backends.py                                  # the built-in model
     .venv/bin/python bench/backends.py --model CKPT --batch 8 --steps 50 --repeats 3
+    .venv/bin/python bench/backends.py --config DiT-XL/2 --depth 2 --batch 4 --steps 5   # DiT-XL/2 shapes, random weights
 
 Rows. CPU group (baseline: ONNX Runtime fp32): torch fp32 (the float model), ONNX Runtime on the
 float32 graph, on the W8A8 graph and on the W4A16 graph (float32 graphs: float16 has no fast CPU
@@ -74,6 +75,26 @@ BASELINES = {"cpu": "onnxruntime fp32", "gpu": "tensorrt fp16"}
 
 
 # ----------------------------------------------------------------------------------- denoisers
+def random_model(config: str, depth: int | None = None):
+    """A DiT of a registered config (``depth`` blocks, None: all) with every weight drawn from
+    N(0, 0.02), so that no layer is trivially zero (adaLN-Zero): a real model's shapes (DiT-XL/2)
+    for timing, without its checkpoint."""
+    import dataclasses
+
+    import torch
+
+    from ditrt.contracts.model_config import CONFIGS
+    from ditrt.models.dit import build_model
+
+    cfg = CONFIGS[config]
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(cfg, depth=depth) if depth is not None else cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    return model.eval()
+
+
 def make_denoiser(row: Row, args):
     """The row's denoiser, opened like every ditrt command opens an artifact (ditrt.runtime.open)."""
     import torch
@@ -375,6 +396,8 @@ def notes(rows: list[dict], meta: dict, args) -> list[str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin", help="'builtin' or a checkpoint path")
+    p.add_argument("--config", default=None, help="a registered config (e.g. DiT-XL/2) with random weights, instead of --model")
+    p.add_argument("--depth", type=int, default=None, help="with --config: keep this many blocks")
     p.add_argument("--batch", type=int, default=16, help="images per sampler call (each step runs 2x this with guidance)")
     p.add_argument("--steps", default="50", help="sampling schedule of the images/s runs ('250', '50', 'ddim25', ...)")
     p.add_argument("--cfg-scale", type=float, default=1.5)
@@ -401,6 +424,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.batch < 1 or args.repeats < 1 or args.calls < 1 or args.warmup < 0 or args.threads < 1:
         p.error("--batch, --repeats, --calls and --threads must be >= 1, --warmup >= 0")
+    if args.config is not None and args.model != "builtin":
+        p.error("give --model or --config, not both")
+    if args.depth is not None and (args.config is None or args.depth < 1):
+        p.error("--depth needs --config and must be >= 1")
     return args
 
 
@@ -422,15 +449,20 @@ def main(argv=None) -> int:
         print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs before starting: other processes compete for the cores, "
               "so timings are noisier; give --threads no more than the idle cores (torch's OpenMP threads slow down many "
               "times over when they share a core with another busy process)", flush=True)  # fmt: skip
+    own_work = args.work is None
+    work = Path(tempfile.mkdtemp(prefix="ditrt-bench-backends-")) if own_work else args.work
+    work.mkdir(parents=True, exist_ok=True)
+    if args.config is not None:  # every row (and each memory child) loads it as a checkpoint
+        from ditrt.models.checkpoints import save_ditrt_checkpoint
+
+        depth = f"-depth{args.depth}" if args.depth else ""
+        args.model = str(save_ditrt_checkpoint(random_model(args.config, args.depth), work / f"random-{args.config.replace('/', '')}{depth}.safetensors"))
     model = load_model(args.model).eval()
     trt_ok, trt_why = tensorrt_available()
     if args.no_tensorrt:
         trt_ok, trt_why = False, "--no-tensorrt was given"
     trt_line = f"TensorRT rows: {trt_why}" if trt_ok else f"TensorRT rows skipped: {trt_why}"
     print(trt_line, flush=True)
-    own_work = args.work is None
-    work = Path(tempfile.mkdtemp(prefix="ditrt-bench-backends-")) if own_work else args.work
-    work.mkdir(parents=True, exist_ok=True)
     try:
         print(f"calibrating ({args.method}), exporting{' and building engines' if trt_ok else ''} in {work} ...", flush=True)
         rows, info = prepare(args, model, work, trt_ok)
@@ -447,7 +479,7 @@ def main(argv=None) -> int:
         if own_work and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     meta = {
-        "model": str(args.model), "params": sum(p.numel() for p in model.parameters()), "tokens": model.config.num_tokens,
+        "model": f"{args.config} random weights, depth {model.config.depth}" if args.config else str(args.model), "params": sum(p.numel() for p in model.parameters()), "tokens": model.config.num_tokens,
         "model_config": model.config.to_dict(), "args": {k: str(v) for k, v in vars(args).items() if v is not None},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_average_at_start": load, "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__, "ditrt": __version__, "tensorrt": trt_line, "tensorrt_available": trt_ok,
@@ -455,7 +487,7 @@ def main(argv=None) -> int:
     }  # fmt: skip
     results = summarise(rows, speed, memory, sizes, kernels, args)
     text = table(results) + "\n\n" + "\n".join(f"- {n}" for n in notes(results, meta, args)) + "\n"
-    procstat.write_results(args.out, args.name, {"meta": meta, "rows": results}, f"Backends side by side: {args.model}", text)
+    procstat.write_results(args.out, args.name, {"meta": meta, "rows": results}, f"Backends side by side: {meta['model']}", text)
     return 0
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import procstat
-from backends import step_inputs
+from backends import random_model, step_inputs
 
 PRECISIONS = ("fp32", "w8a8", "w4a16")
 #: Kernels that do the Linears' arithmetic, named in the summary line of each graph.
@@ -45,28 +45,16 @@ GEMMS = ("MatMulIntegerToFloat", "MatMulNBits", "QLinearMatMul", "MatMul", "Fuse
 
 # ------------------------------------------------------------------------------------------- model
 def load(args):
-    """The model to profile: the built-in one, a checkpoint, or a random DiT of a registered config
-    (``--depth`` blocks), with every weight randomised so that no layer is trivially zero."""
-    import torch
-
+    """The model to profile: the built-in one or a checkpoint (``--depth``: its first blocks only), or
+    a random DiT of a registered config (:func:`backends.random_model`)."""
     from ditrt.models.builtin import load_model
 
-    if args.config is None:
-        model = load_model(args.model)
-        if args.depth is not None:
-            del model.blocks[args.depth :]
-            model.config = dataclasses.replace(model.config, depth=len(model.blocks))
-        return model.eval()
-    from ditrt.contracts.model_config import CONFIGS
-    from ditrt.models.dit import build_model
-
-    cfg = CONFIGS[args.config]
-    cfg = dataclasses.replace(cfg, depth=args.depth) if args.depth is not None else cfg
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
+    if args.config is not None:
+        return random_model(args.config, args.depth)
+    model = load_model(args.model)
+    if args.depth is not None:
+        del model.blocks[args.depth :]
+        model.config = dataclasses.replace(model.config, depth=len(model.blocks))
     return model.eval()
 
 
@@ -145,12 +133,14 @@ def time_sessions(sessions: dict[str, object], inputs: dict, args) -> dict[str, 
 
 
 def option_sets() -> dict[str, tuple[str, ...]]:
-    """Session variants measured by ``--session-options``: ditrt's (:data:`DISABLED_OPTIMIZERS`), the
-    same with MatMulAddFusion back on, and ONNX Runtime's defaults (nothing disabled)."""
+    """Session variants measured by ``--session-options`` (optimizers disabled): ditrt's
+    (:data:`DISABLED_OPTIMIZERS`), ditrt's before issue 15, ditrt's with MatMulAddFusion back on, and
+    ONNX Runtime's defaults."""
     from ditrt.runtime.onnxruntime_backend import DISABLED_OPTIMIZERS
 
     return {
         "ditrt": DISABLED_OPTIMIZERS,
+        "ditrt before issue 15": ("MatMulAddFusion",),
         "MatMulAddFusion on": tuple(o for o in DISABLED_OPTIMIZERS if o != "MatMulAddFusion"),
         "ORT defaults": (),
     }
