@@ -70,6 +70,9 @@ class CalibrateConfig:
         if self.smooth_fc2 and type(self.strategy).balance is Method.balance:
             raise ConfigError(f"--smooth-fc2 smooths with a balancing method's factors, and {self.method} does not balance; "
                               "use smoothquant, ptq4dit or ditas")  # fmt: skip
+        if self.smooth_fc2 and not self.strategy.applies(p):
+            raise ConfigError(f"--smooth-fc2 smooths with {self.method}'s balancing factors, which {self.method} does not compute at {p.name} "
+                              "(its activations are not quantized); drop --smooth-fc2, or use ditas, which smooths at every precision")  # fmt: skip
         if p.weight_fmt.is_float and self.reconstruct:
             raise ConfigError(RECONSTRUCT_FLOAT)
         if p.weight_fmt.is_float and not self.symmetric:

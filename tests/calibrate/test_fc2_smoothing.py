@@ -104,3 +104,15 @@ def test_simulation_multiplies_by_the_reciprocal_before_quantizing(tiny):
         with torch.no_grad():
             assert torch.equal(q.blocks[1].mlp.fc2(x), plain(x * (1.0 / d)))
             assert torch.equal(q.blocks[1].mlp.fc2(x.half()), plain(x.half() * (1.0 / d).half()))
+
+
+def test_the_option_is_refused_where_the_method_computes_no_factors():
+    from ditrt.contracts.errors import ConfigError
+
+    for method in ("smoothquant", "ptq4dit"):  # they balance only where activations are quantized
+        with pytest.raises(ConfigError, match=f"{method} does not compute at w4a16"):
+            CalibrateConfig(method=method, precision="w4a16", smooth_fc2=True)
+    with pytest.raises(ConfigError, match="does not balance"):
+        CalibrateConfig(method="minmax", smooth_fc2=True)
+    assert CalibrateConfig(method="ditas", precision="w4a16", smooth_fc2=True).smooth_fc2  # DiTAS smooths at every precision
+    assert CalibrateConfig(method="ptq4dit", precision="fp8", smooth_fc2=True).smooth_fc2
