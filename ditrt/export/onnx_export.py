@@ -54,8 +54,10 @@ MIN_OPSET, MAX_OPSET = 18, 22  # 18: the exporter's lowest (asked for 17 it conv
 #: the margin leaves room for the graph itself).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 #: Node metadata the exporter writes that names local source paths: dropped so that the same
-#: model exports to the same bytes on every machine (engines are cached by the ONNX hash).
-_DROPPED_NODE_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
+#: model exports to the same bytes on every machine (engines are cached by the ONNX hash); and the
+#: module namespace and class hierarchy of each node, which repeat what ``name_scopes`` says (the one
+#: key Q/DQ insertion reads) in longer form: 40% of a graph's bytes outside its weights.
+_DROPPED_NODE_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "namespace", "pkg.torch.onnx.class_hierarchy")
 #: The exporter's optimizer (constant folding, which also pre-transposes the Linear weights); tests
 #: turn it off to see that Q/DQ insertion handles unfolded ``Transpose(W) -> MatMul`` too.
 _OPTIMIZE = True
