@@ -14,7 +14,7 @@ then ``* (1 + scale) + shift`` vs a LayerNormalization taking the per-sample sca
 ``gelu`` (bias + tanh GELU fused to FastGelu vs unfused), ``attention`` (the exported
 qkv -> (3, N, H, T, Dh) transpose vs a q/k/v split on the channels vs per-head slices), ``bias`` (a
 Q/DQ Linear with its bias: the fused int8 kernel and its inputs; MatMulAddFusion on a static-shape
-graph). Results: ``bench/results/ort_profile/forms-<shape>.md`` and ``.json``.
+graph), ``patch embedding`` (stride-p Conv vs the patches and one MatMul). Results: ``bench/results/ort_profile/forms-<shape>.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -135,6 +135,25 @@ def _attend(q, k, v, out, r, t, d):
             helper.make_node("Reshape", ["ot", "s3"], [out])]  # fmt: skip
 
 
+def case_patch(r, c, size, p, d, rng):
+    """The patch embedding: a stride-p Conv then (N, D, T) -> (N, T, D), vs the patches gathered from the
+    input and one MatMul by the conv weight seen as (D, C*p*p) (what ditrt exports)."""
+    helper = _h()[0]
+    g = size // p
+    w, b = rng.standard_normal((d, c, p, p), np.float32), rng.standard_normal(d, np.float32)
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    io, out = {"x": [r, c, size, size]}, {"out": [r, g * g, d]}
+    conv = model([helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[p, p], strides=[p, p]),
+                  helper.make_node("Reshape", ["y", "s"], ["f"]), helper.make_node("Transpose", ["f"], ["out"], perm=[0, 2, 1])],
+                 io, out, {"w": w, "b": b, "s": i64(r, d, g * g)})  # fmt: skip
+    matmul = model([helper.make_node("Reshape", ["x", "s6"], ["x6"]), helper.make_node("Transpose", ["x6"], ["t6"], perm=[0, 2, 4, 1, 3, 5]),
+                    helper.make_node("Reshape", ["t6", "s3"], ["pt"]), helper.make_node("MatMul", ["pt", "wt"], ["m"]),
+                    helper.make_node("Add", ["m", "b"], ["out"])], io, out,
+                   {"wt": np.ascontiguousarray(w.reshape(d, -1).T), "b": b, "s6": i64(r, c, g, p, g, p), "s3": i64(r, g * g, c * p * p)})  # fmt: skip
+    feeds = {"x": rng.standard_normal((r, c, size, size), np.float32)}
+    return feeds, {"Conv + Transpose (ditrt before issue 15)": (conv, DITRT), "patches + MatMul (ditrt)": (matmul, DITRT)}
+
+
 def case_bias(r, t, d, rng, static: bool):
     """A W8A8 Linear (d -> 3d) with its bias as ditrt exports it: Q/DQ input, int8 DQ weight, MatMul, Add."""
     helper = _h()[0]
@@ -201,6 +220,7 @@ def main(argv=None) -> int:
         "layernorm": case_layernorm(r, t, d, rng), "modulate": case_modulate(r, t, d, rng), "gelu": case_gelu(r, t, d, rng),
         "attention": case_attention(r, t, d, rng, heads), "bias (dynamic batch)": case_bias(r, t, d, rng, False),
         "bias (static batch)": case_bias(r, t, d, rng, True),
+        "patch embedding": case_patch(r, 4, 32, 2, d, rng) if args.xl else case_patch(r, 1, 8, 1, d, rng),
     }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="ditrt-ort-forms-") as tmp:
         results = {name: run_case(name, feeds, forms, args, Path(tmp)) for name, (feeds, forms) in cases.items()}
