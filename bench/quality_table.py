@@ -412,7 +412,8 @@ def markdown(results: dict, command: str) -> str:
             f"bias, so compare FDs within a (steps, N) block only (FD vs float is shown from N = {REL_FD_MIN_NUM}). "
             "**calib s**: the calibrate call alone on the recorded inputs (recording excluded), with the 1-minute load average "
             "of the machine right after it; `!` marks a load above this process's threads by more than 0.5, i.e. other jobs ran "
-            "on the machine meanwhile: such times are not comparable with the others (quality.json has the CPU seconds too). "
+            "on the machine meanwhile: such wall times are not comparable with the others; the CPU seconds of the process are "
+            "(at one thread they are the wall time the call takes alone, give or take the memory bandwidth other jobs took). "
             "Rows marked (sim) are simulation only (no TensorRT format): w4a8, asymmetric or dynamic activations. "
             "**(ONNX Runtime)** rows: the recipe's exported fp32 graph sampled by ONNX Runtime, against the float model's exported "
             "graph sampled by ONNX Runtime (so they measure quantization alone, executed where it is deployed; ranked among "
@@ -428,7 +429,7 @@ def markdown(results: dict, command: str) -> str:
         floors = {(str(r["steps"]), r["num"], r["precision"]): r for r in mine if r["backend"] == "floor"}
         lines += [_floor_line(f, mine) for f in floors.values()] or ["No noise-floor row measured (run with --floor)."]
         lines += [_float_line(r) for r in mine if r["method"] == "float" and r["backend"] == "onnxruntime"]
-        lines += ["", "| steps | N | method | precision | PSNR dB [95% CI] | rank | SQNR mean / pooled dB | FD | FD vs float | class acc | calib s (load) |",
+        lines += ["", "| steps | N | method | precision | PSNR dB [95% CI] | rank | SQNR mean / pooled dB | FD | FD vs float | class acc | calib s (CPU s, load) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         float_fd = {(str(r["steps"]), r["num"], r["backend"]): r["fd"] for r in mine if r["method"] == "float"}
         for r in mine:
@@ -472,7 +473,8 @@ def _table_row(r: dict, rank: int | None, floor: dict | None, float_fd: float | 
     calib = "-"
     if r.get("calib_seconds") is not None and r["backend"] != "floor":  # the floor row shares its torch row's calibration
         load = r["loadavg"][0]
-        calib = f"{r['calib_seconds']} ({load:.1f}{'!' if load > r['threads'] + 0.5 else ''})"
+        cpu = f"{r['calib_cpu_seconds']} CPU, " if r.get("calib_cpu_seconds") is not None else ""
+        calib = f"{r['calib_seconds']} ({cpu}{load:.1f}{'!' if load > r['threads'] + 0.5 else ''})"
     return f"| {r['steps']} | {r['num']} | {method} | {prec} | {psnr} | {rank_s} | {sqnr} | {r['fd']:.2f} | {fd_rel} | {r['class_accuracy']:.3f} | {calib} |"
 
 
