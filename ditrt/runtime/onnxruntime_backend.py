@@ -24,9 +24,11 @@ that makes it from ``DQ -> MatMul`` does not look at the ``Add`` after it, and `
 TensorRT op. A Q/DQ Gemm fuses its bias only as an INT32 DequantizeLinear, which TensorRT does not
 take either. So each quantized Linear keeps a float ``Add`` (the bias of fc1 goes into ``FastGelu``).
 
-Threads: ``threads`` sets ONNX Runtime's intra-op pool (None: its default, one per core); on the
-2-core development machine 2 threads beat 1 only when nothing else runs (the measurements are in
-``bench/results/ort_profile/``).
+Threads: ``threads`` sets ONNX Runtime's intra-op pool (None: its default, one thread per core).
+Measured on the 2-core machine only while other jobs kept both cores busy (issue 15,
+``bench/results/ort_profile/builtin-b32-t1.md``): 2 threads were slower than 1 for every graph and
+session variant there (fp32 479 vs 361 ms, W8A8 310 vs 179 ms per 64-row step), as a second thread
+only waits for a busy core. Pass 1 on a shared machine; 2 threads on idle cores were not measured.
 """
 
 from __future__ import annotations
