@@ -153,9 +153,9 @@ class _ExportPatchEmbed(PatchEmbed):
     """The stride-``p`` patch convolution written as what it computes: the patches of the (small) input
     gathered by Reshape/Transpose into (N, T, C*p*p), then one MatMul by the convolution's weight seen as
     (D, C*p*p). ONNX Runtime runs the Conv in its blocked layout (Conv, ReorderOutput, then the
-    (N, D, T) -> (N, T, D) Transpose of the large output): 1.4 ms where this form takes 0.7 ms at the
-    built-in model's step (64 rows), 8.8 vs 5.0 ms at DiT-XL/2's (8 rows; one thread, ``bench/ort_forms.py``,
-    issue 15). The same
+    (N, D, T) -> (N, T, D) Transpose of the large output): this form takes about half the time, 0.27
+    vs 0.52 ms at the built-in model's step (64 rows), 1.8 vs 3.6 ms at DiT-XL/2's (8 rows; one thread,
+    ``bench/results/ort_profile/forms-*.md``, issue 15). The same
     values (the same products, summed over C*p*p in another order: bit-identical for the built-in
     model's 1x1 patch); TensorRT takes either form. Parameters stay ``proj.weight``/``proj.bias``."""
 
