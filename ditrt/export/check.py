@@ -60,14 +60,16 @@ NONLINEAR_OPS = {
 #: Ops that move or retype data without computing: followed when looking for a Q/DQ's real consumer.
 PASS_THROUGH = {"Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten"}
 QDQ = {"QuantizeLinear", "DequantizeLinear"}
+#: onnx.TensorProto names of the FP8 types (TensorRT takes only FLOAT8E4M3FN: the fp8 rule).
+FP8_TYPES = ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")
+#: onnx.TensorProto names of the float types that can hold NaN or inf: the tensors the finite rule reads.
+FLOAT_TYPES = ("FLOAT", "FLOAT16", "DOUBLE", "BFLOAT16", *FP8_TYPES)
 
 
 def _fp8_types() -> set[int]:
     from onnx import TensorProto
 
-    return {getattr(TensorProto, t) for t in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")}
-#: onnx.TensorProto names of the float types that can hold NaN or inf: the tensors the finite rule reads.
-FLOAT_TYPES = ("FLOAT", "FLOAT16", "DOUBLE", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")
+    return {getattr(TensorProto, t) for t in FP8_TYPES}
 
 
 def check_onnx(path: str | Path) -> list[Violation]:

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 _NP = {"fp32": np.float32, "fp16": np.float16}
 #: The numpy type of each registry number format (:data:`ditrt.contracts.precisions.FORMATS`), which onnx_ir
 #: writes as its ONNX element type (INT8, INT4, FLOAT8E4M3FN).
-_INT = {"int8": np.int8, "int4": ml_dtypes.int4, "e4m3": ml_dtypes.float8_e4m3fn}
+_NP_FORMAT = {"int8": np.int8, "int4": ml_dtypes.int4, "e4m3": ml_dtypes.float8_e4m3fn}
 #: Lowest opset whose QuantizeLinear/DequantizeLinear take FP8 (and its ``saturate`` attribute).
 FP8_OPSET = 19
 
@@ -226,7 +226,7 @@ def quantized_weight(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> np.
     f = FORMATS[fmt]
     q = quantize(weight.detach().float(), expand_weight_scale(scale.float(), weight.shape), None, f)
     q = q if f.is_float else q.to(torch.int8)
-    return q.t().contiguous().numpy().astype(_INT[fmt], copy=False)
+    return q.t().contiguous().numpy().astype(_NP_FORMAT[fmt], copy=False)
 
 
 def _multiplies_by(node, weight: torch.Tensor, dtype: str) -> bool:
@@ -338,7 +338,7 @@ def _insert_layer(graph, node, layer: str, weight: torch.Tensor, recipe: Recipe,
         scale = tensors[p + "input_scale"]
         scale = scale[group] if scale.ndim == 1 else scale
         s = _const(graph, f"{layer}.input_scale", _graph_scale(scale.reshape(()), dtype, f"{layer} input"))
-        zp = _const(graph, f"{layer}.input_zero_point", np.zeros((), _INT[spec.act_format]))
+        zp = _const(graph, f"{layer}.input_zero_point", np.zeros((), _NP_FORMAT[spec.act_format]))
         saturate = {"saturate": 1} if spec.act_fmt.is_float else {}  # FP8: clamp to +-448, as TensorRT and the simulation do
         q = ir.node("QuantizeLinear", [matmul.inputs[0], s, zp], attributes=saturate, name=f"{layer}/input_quantize")
         q.outputs[0].name = f"{layer}.input_quantized"
