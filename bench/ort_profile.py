@@ -11,7 +11,7 @@ times quoted for the ratios come from separate, unprofiled sessions timed in int
 
     .venv/bin/python bench/ort_profile.py                                        # built-in model, batch 32 (64 rows)
     .venv/bin/python bench/ort_profile.py --config DiT-XL/2 --depth 2 --batch 4  # DiT-XL/2 shapes, random weights
-    .venv/bin/python bench/ort_profile.py --session-options                      # also threads 1/2 x MatMulAddFusion on/off
+    .venv/bin/python bench/ort_profile.py --session-options                      # also threads 1/2 x ditrt's and ORT's session settings
 
 A step is one denoiser call at the guidance-doubled batch (2 x ``--batch`` rows), as the sampler
 makes it. Results: ``bench/results/ort_profile/<name>.md`` and ``.json`` (the JSON also holds the
@@ -132,18 +132,25 @@ def time_sessions(sessions: dict[str, object], inputs: dict, args) -> dict[str, 
     return times
 
 
-def option_sets() -> dict[str, tuple[str, ...]]:
-    """Session variants measured by ``--session-options`` (optimizers disabled): ditrt's
-    (:data:`DISABLED_OPTIMIZERS`), ditrt's before issue 15, ditrt's with MatMulAddFusion back on, and
-    ONNX Runtime's defaults."""
+def option_sets() -> dict[str, dict]:
+    """Session variants measured by ``--session-options`` (make_session's keywords): ditrt's
+    (:data:`DISABLED_OPTIMIZERS`, biases folded into the int8 kernels), ditrt's without the bias fold,
+    ditrt's before issue 15, ditrt's with MatMulAddFusion back on, and ONNX Runtime's defaults."""
     from ditrt.runtime.onnxruntime_backend import DISABLED_OPTIMIZERS
 
     return {
-        "ditrt": DISABLED_OPTIMIZERS,
-        "ditrt before issue 15": ("MatMulAddFusion",),
-        "MatMulAddFusion on": tuple(o for o in DISABLED_OPTIMIZERS if o != "MatMulAddFusion"),
-        "ORT defaults": (),
+        "ditrt": {"disabled_optimizers": DISABLED_OPTIMIZERS},
+        "ditrt, bias not folded": {"disabled_optimizers": DISABLED_OPTIMIZERS, "fold_bias": False},
+        "ditrt before issue 15": {"disabled_optimizers": ("MatMulAddFusion",), "fold_bias": False},
+        "MatMulAddFusion on": {"disabled_optimizers": tuple(o for o in DISABLED_OPTIMIZERS if o != "MatMulAddFusion")},
+        "ORT defaults": {"disabled_optimizers": (), "fold_bias": False},
     }
+
+
+def describe(options: dict) -> str:
+    """A session variant in words: its disabled optimizers and whether biases are folded."""
+    disabled = ", ".join(options["disabled_optimizers"]) or "none"
+    return f"disabled: {disabled}; bias {'folded' if options.get('fold_bias', True) else 'not folded'}"
 
 
 def session_variants(paths: dict[str, Path], inputs: dict, args) -> dict:
@@ -154,11 +161,11 @@ def session_variants(paths: dict[str, Path], inputs: dict, args) -> dict:
     variants, kernels = {}, {}
     for p, path in paths.items():
         for threads in (1, 2):
-            for name, disabled in option_sets().items():
+            for name, options in option_sets().items():
                 key = f"{p} | {threads} | {name}"
                 try:
-                    variants[key] = make_session(path, threads=threads, disabled_optimizers=disabled)
-                    kernels[key] = linear_kernels(path, threads, disabled, args.work_dir)
+                    variants[key] = make_session(path, threads=threads, **options)
+                    kernels[key] = linear_kernels(path, threads, options, args.work_dir)
                 except Exception as e:  # noqa: BLE001  a variant ONNX Runtime refuses is a result too
                     variants[key] = f"refused: {str(e).strip().splitlines()[0][:160]}"
     live = {k: v for k, v in variants.items() if not isinstance(v, str)}
@@ -167,17 +174,18 @@ def session_variants(paths: dict[str, Path], inputs: dict, args) -> dict:
                 else {"error": v}) for k, v in variants.items()}  # fmt: skip
 
 
-def linear_kernels(path: Path, threads: int, disabled: tuple, work: Path) -> dict[str, int]:
-    """Counts of the GEMM kernels in the graph as ONNX Runtime rewrote it with these options."""
+def linear_kernels(path: Path, threads: int, options: dict, work: Path) -> dict[str, int]:
+    """Counts of the GEMM kernels (and of the Adds left beside them) in the graph as ONNX Runtime runs it with these options."""
     import onnx
 
     from ditrt.runtime.onnxruntime_backend import make_session
 
     out = work / f"{path.stem}.optimized.onnx"
-    make_session(path, threads=threads, disabled_optimizers=disabled, optimized_model_path=out)
+    make_session(path, threads=threads, optimized_model_path=out, **options)
     ops = [n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node]
-    out.unlink(missing_ok=True)
-    return {k: ops.count(k) for k in GEMMS if ops.count(k)}
+    for f in (out, out.with_name(out.name + ".data")):
+        f.unlink(missing_ok=True)
+    return {k: ops.count(k) for k in (*GEMMS, "Add") if ops.count(k)}
 
 
 # ---------------------------------------------------------------------------------------- reporting
@@ -198,17 +206,24 @@ def op_table(profiles: dict[str, dict]) -> str:
 
 
 def speed_lines(times: dict[str, list[float]], baseline: str = "fp32") -> list[str]:
+    """Per graph: median ms per step and its spread, the speedup of medians, and the median of the
+    speedups of each repeat (each repeat times every graph back to back, so a slow spell of the machine
+    hits both sides of its ratio alike)."""
     med = {k: statistics.median(v) for k, v in times.items()}
-    return [f"{k}: {med[k]:.2f} ms/step (repeats {min(v):.2f}-{max(v):.2f}), {med[baseline] / med[k]:.2f}x {baseline}"
-            for k, v in times.items()]  # fmt: skip
+    lines = []
+    for k, v in times.items():
+        paired = statistics.median(b / x for b, x in zip(times[baseline], v))
+        lines.append(f"{k}: {med[k]:.2f} ms/step (repeats {min(v):.2f}-{max(v):.2f}), {med[baseline] / med[k]:.2f}x {baseline} "
+                     f"(median of per-repeat ratios {paired:.2f}x, of fastest repeats {min(times[baseline]) / min(v):.2f}x)")  # fmt: skip
+    return lines
 
 
 def variant_table(variants: dict) -> str:
     sets = option_sets()
-    lines = ["| graph | threads | session (disabled optimizers) | ms/step | spread | GEMM kernels |", "|---|---|---|---|---|---|"]
+    lines = ["| graph | threads | session | ms/step | spread | GEMM kernels (and Adds) |", "|---|---|---|---|---|---|"]
     for k, v in variants.items():
         g, th, opt = k.split(" | ")
-        what = f"{opt} ({', '.join(sets[opt]) or 'none'})"
+        what = f"{opt} ({describe(sets[opt])})"
         if "error" in v:
             lines.append(f"| {g} | {th} | {what} | {v['error']} | | |")
         else:
@@ -233,7 +248,7 @@ def parse_args(argv=None):
     p.add_argument("--calls", type=int, default=5, help="steps per profile and per timed repeat")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats (median reported)")
     p.add_argument("--top-nodes", type=int, default=25, help="costliest nodes kept in the JSON")
-    p.add_argument("--session-options", action="store_true", help="also time threads 1 and 2 with and without MatMulAddFusion")
+    p.add_argument("--session-options", action="store_true", help="also time threads 1 and 2 x the session variants (optimizer switches, bias fold)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "ort_profile")
     p.add_argument("--name", default=None, help="base name of the result files (default: from the model and batch)")
     p.add_argument("--work", type=Path, default=None, help="keep the graphs in this folder (default: a temporary one)")
@@ -288,6 +303,7 @@ def main(argv=None) -> int:
     speed = {p: {"step_ms": v, "step_ms_median": statistics.median(v)} for p, v in times.items()}
     for p in speed:
         speed[p]["speedup_vs_fp32"] = speed["fp32"]["step_ms_median"] / speed[p]["step_ms_median"]
+        speed[p]["speedup_vs_fp32_paired"] = statistics.median(b / x for b, x in zip(times["fp32"], times[p]))
     gemm = {p: ", ".join(f"{d['per_step']} {op}" for op, d in profiles[p]["ops"].items() if op in GEMMS) for p in profiles}
     text = "\n".join([
         f"Model {meta['model']} (hidden {cfg.hidden_size}, depth {cfg.depth}, {cfg.num_tokens} tokens, {meta['params'] / 1e6:.1f} M parameters); "

@@ -17,18 +17,15 @@ Session settings that keep quantized graphs on real integer kernels, with exact 
 - ``session.qdq_matmulnbits_accuracy_level = 0``: ``MatMulNBits`` would otherwise quantize its float
   activations to int8 on the fly (about 2% error); 0 keeps them float, as the graph says.
 
-What ONNX Runtime 1.32 cannot fuse (issue 15; ``bench/ort_profile.py`` prints the breakdown): the
-Linear bias. ``MatMulIntegerToFloat`` takes a bias input, but only the fusion of the explicit
-``MatMulInteger -> Cast -> Mul -> Add`` form fills it (``MatMulIntegerToFloatFusion``); the Q/DQ fusion
-that makes it from ``DQ -> MatMul`` does not look at the ``Add`` after it, and ``MatMulInteger`` is no
-TensorRT op. A Q/DQ Gemm fuses its bias only as an INT32 DequantizeLinear, which TensorRT does not
-take either. So each quantized Linear keeps a float ``Add`` (the bias of fc1 goes into ``FastGelu``).
+On the CPU, a graph with 8-bit activations runs with its Linear biases folded into the int8 kernels
+after ONNX Runtime's own optimizations, which leave them as separate Adds (why, and what it gains:
+:mod:`ditrt.runtime.onnxruntime_rewrites`). The exported graph itself is unchanged.
 
 Threads: ``threads`` sets ONNX Runtime's intra-op pool (None: its default, one thread per core).
-Measured on the 2-core machine only while other jobs kept both cores busy (issue 15,
-``bench/results/ort_profile/builtin-b32-t1.md``): 2 threads were slower than 1 for every graph and
-session variant there (fp32 479 vs 361 ms, W8A8 310 vs 179 ms per 64-row step), as a second thread
-only waits for a busy core. Pass 1 on a shared machine; 2 threads on idle cores were not measured.
+Measured on the idle 2-core machine (``bench/results/ort_profile/builtin-b32-t1.md``, session
+options): 2 threads run a 64-row step of the built-in model 1.7-1.9x faster than 1 (fp32 316 -> 171
+ms, W8A8 153 -> 92 ms); with other jobs on the cores a second thread only waits for a busy core and
+was slower than one (fp32 479 vs 361 ms). Pass 1 on a shared machine.
 """
 
 from __future__ import annotations
@@ -104,17 +101,36 @@ def _provider_name(name: str) -> str:
 
 
 def make_session(path, *, providers=None, threads: int | None = None, optimized_model_path=None, profile_prefix=None,
-                 disabled_optimizers=DISABLED_OPTIMIZERS):  # fmt: skip
+                 disabled_optimizers=DISABLED_OPTIMIZERS, fold_bias: bool = True):  # fmt: skip
     """An ``onnxruntime.InferenceSession`` with the settings above. ``threads`` (None: ONNX Runtime's
     default) sets the intra-op thread count; ``optimized_model_path`` saves the graph as ONNX Runtime
-    rewrote it (to see which fused kernels it runs); ``profile_prefix`` turns on ONNX Runtime's
+    runs it (to see which fused kernels it runs); ``profile_prefix`` turns on ONNX Runtime's
     profiler, whose JSON trace ``session.end_profiling()`` writes (``bench/ort_profile.py``);
-    ``disabled_optimizers``: the graph rewrites switched off (the benchmarks measure other choices)."""
+    ``disabled_optimizers``: the graph rewrites switched off (the benchmarks measure other choices);
+    ``fold_bias``: on the CPU, a graph with integer activations runs with its Linear biases folded
+    into the int8 kernels (:mod:`ditrt.runtime.onnxruntime_rewrites`)."""
     import onnxruntime as ort
 
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"ONNX file {path} not found; create it with `ditrt export`")
+    chosen = resolve_providers(providers)
+    cpu_only = all((p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in chosen)
+    try:
+        if fold_bias and cpu_only and _has_integer_activations(path):
+            return _session_with_folded_bias(path, chosen, threads, optimized_model_path, profile_prefix, disabled_optimizers)
+        so = _options(threads, optimized_model_path, profile_prefix)
+        return ort.InferenceSession(os.fspath(path), so, providers=chosen, disabled_optimizers=list(disabled_optimizers))
+    except ArtifactError:
+        raise
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/InvalidProtobuf types
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"ONNX Runtime cannot load {path} ({first}); re-export it with `ditrt export`") from None
+
+
+def _options(threads, optimized_model_path=None, profile_prefix=None):
+    import onnxruntime as ort
+
     so = ort.SessionOptions()
     if threads is not None:
         so.intra_op_num_threads = int(threads)
@@ -126,12 +142,50 @@ def make_session(path, *, providers=None, threads: int | None = None, optimized_
     if profile_prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = str(profile_prefix)
-    chosen = resolve_providers(providers)
+    return so
+
+
+def _has_integer_activations(path: Path) -> bool:
+    """Whether the graph quantizes activations to 8-bit integers (a QuantizeLinear with an int8 or
+    uint8 zero point): the graphs whose Linears ONNX Runtime runs as ``MatMulIntegerToFloat``."""
+    import onnx
+
     try:
-        return ort.InferenceSession(os.fspath(path), so, providers=chosen, disabled_optimizers=list(disabled_optimizers))
-    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/InvalidProtobuf types
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"ONNX Runtime cannot load {path} ({first}); re-export it with `ditrt export`") from None
+        graph = onnx.load(os.fspath(path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001  an unreadable file is ONNX Runtime's to refuse, with its message
+        return False
+    eight_bit = {t.name for t in graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    return any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in eight_bit for n in graph.node)
+
+
+def _session_with_folded_bias(path: Path, providers, threads, optimized_model_path, profile_prefix, disabled_optimizers):
+    """ONNX Runtime optimizes the graph once (saved to a scratch folder, its weights beside it), the
+    biases are folded into its int8 kernels, and that graph runs with no further optimization."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    from ditrt.runtime.onnxruntime_rewrites import fold_integer_gemm_bias
+
+    with tempfile.TemporaryDirectory(prefix="ditrt-ort-") as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        so = _options(threads, optimized)
+        so.log_severity_level = 3  # its notes on saving an optimized graph are not the user's concern
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        ort.InferenceSession(os.fspath(path), so, providers=providers, disabled_optimizers=list(disabled_optimizers))  # writes it
+        model = onnx.load(os.fspath(optimized), load_external_data=False)
+        if fold_integer_gemm_bias(model.graph) == 0:
+            return ort.InferenceSession(os.fspath(path), _options(threads, optimized_model_path, profile_prefix), providers=providers,
+                                        disabled_optimizers=list(disabled_optimizers))  # fmt: skip
+        folded = Path(tmp) / "folded.onnx"
+        onnx.save(model, os.fspath(folded))
+        so = _options(threads, optimized_model_path, profile_prefix)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimized, then folded
+        if optimized_model_path is not None:  # its weights come from the scratch folder: saved beside it
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{Path(optimized_model_path).name}.data")
+        return ort.InferenceSession(os.fspath(folded), so, providers=providers)
 
 
 class OnnxRuntimeDenoiser:
