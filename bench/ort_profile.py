@@ -12,6 +12,7 @@ times quoted for the ratios come from separate, unprofiled sessions timed in int
     .venv/bin/python bench/ort_profile.py                                        # built-in model, batch 32 (64 rows)
     .venv/bin/python bench/ort_profile.py --config DiT-XL/2 --depth 2 --batch 4  # DiT-XL/2 shapes, random weights
     .venv/bin/python bench/ort_profile.py --session-options                      # also threads 1/2 x ditrt's and ORT's session settings
+    .venv/bin/python bench/ort_profile.py --isolate                              # also block 0's int8 Linears profiled alone
 
 A step is one denoiser call at the guidance-doubled batch (2 x ``--batch`` rows), as the sampler
 makes it. Results: ``bench/results/ort_profile/<name>.md`` and ``.json`` (the JSON also holds the
@@ -114,7 +115,61 @@ def profile_graph(path: Path, inputs: dict, args, work: Path) -> dict:
     kernels = sum(ms.values())
     ops = {op: {"ms": v, "share": v / step, "per_step": count[op] // len(runs)} for op, v in sorted(ms.items(), key=lambda kv: -kv[1])}
     top = dict(sorted(nodes.items(), key=lambda kv: -kv[1])[: args.top_nodes])
-    return {"profiled_step_ms": step, "kernel_ms": kernels, "outside_kernels_ms": step - kernels, "ops": ops, "top_nodes": top}
+    return {"profiled_step_ms": step, "kernel_ms": kernels, "outside_kernels_ms": step - kernels, "ops": ops, "top_nodes": top,
+            "node_ms": dict(nodes)}  # fmt: skip
+
+
+def kernel_ms(path: Path, inputs: dict, args, work: Path) -> dict[str, float]:
+    """op type -> ms per run of a small graph in ONNX Runtime's profiler (median of ``--calls`` runs after ``--warmup``)."""
+    from ditrt.runtime.onnxruntime_backend import make_session
+
+    session = make_session(path, threads=args.threads, profile_prefix=work / f"profile-{path.stem}")
+    for _ in range(args.warmup + args.calls):
+        session.run(None, inputs)
+    trace = Path(session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink(missing_ok=True)
+    per_op = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]].append(e["dur"] / 1000)
+    return {op: statistics.median(v[-args.calls :]) for op, v in per_op.items()}
+
+
+def isolated_linears(path: Path, profile: dict, rows: int, tokens: int, args, work: Path) -> list[dict]:
+    """Block 0's quantized token Linears cut out of the W8A8 graph (its QuantizeLinear's input to the
+    bias Add's output) and profiled alone on random input of their shape: the int8 kernel's ms alone
+    against its ms inside the whole graph's step (issue 15 had seen them 11% slower inside)."""
+    import numpy as np
+    import onnx
+    import onnx.utils
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    by_output = {o: n for n in graph.node for o in n.output}
+    users = defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            users[i].append(n)
+    found = []
+    for n in graph.node:
+        if n.op_type != "MatMul" or not n.name.startswith("blocks.0.") or n.input[0] not in by_output:
+            continue
+        dq = by_output[n.input[0]]
+        q = by_output.get(dq.input[0]) if dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        after = users[n.output[0]]
+        end = after[0].output[0] if len(after) == 1 and after[0].op_type == "Add" else n.output[0]
+        linear = n.name.rsplit("/", 1)[0]
+        cut = work / f"isolated-{linear}.onnx"
+        onnx.utils.extract_model(str(path), str(cut), [q.input[0]], [end])
+        k, n_out = next(t for t in onnx.load(str(cut), load_external_data=False).graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2).dims
+        x = np.random.default_rng(0).standard_normal((rows, tokens, k)).astype(np.float32)
+        alone = kernel_ms(cut, {q.input[0]: x}, args, work)
+        inside = profile["node_ms"].get(f"MatMulIntegerToFloat {n.name}")
+        found.append({"linear": linear, "shape": [rows * tokens, int(k), int(n_out)], "alone_ms": alone.get("MatMulIntegerToFloat"), "in_graph_ms": inside,
+                      "alone_quantize_ms": alone.get("QuantizeLinear")})  # fmt: skip
+    return found
 
 
 def time_sessions(sessions: dict[str, object], inputs: dict, args) -> dict[str, list[float]]:
@@ -248,6 +303,7 @@ def parse_args(argv=None):
     p.add_argument("--calls", type=int, default=5, help="steps per profile and per timed repeat")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats (median reported)")
     p.add_argument("--top-nodes", type=int, default=25, help="costliest nodes kept in the JSON")
+    p.add_argument("--isolate", action="store_true", help="also profile block 0's W8A8 Linears cut out of the graph, alone")
     p.add_argument("--session-options", action="store_true", help="also time threads 1 and 2 x the session variants (optimizer switches, bias fold)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "ort_profile")
     p.add_argument("--name", default=None, help="base name of the result files (default: from the model and batch)")
@@ -290,6 +346,10 @@ def main(argv=None) -> int:
         print(f"timing {args.repeats} x {args.calls} steps per graph (interleaved) ...", flush=True)
         times = time_sessions({p: make_session(path, threads=args.threads) for p, path in paths.items()}, inputs, args)
         variants = session_variants(paths, inputs, args) if args.session_options else None
+        isolated = None
+        if args.isolate and "w8a8" in paths:
+            print("profiling block 0's int8 Linears alone ...", flush=True)
+            isolated = isolated_linears(paths["w8a8"], profiles["w8a8"], 2 * args.batch, model.config.num_tokens, args, work)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -323,8 +383,12 @@ def main(argv=None) -> int:
     ])  # fmt: skip
     if variants is not None:
         text += "\n\nSession options (interleaved, ms per step):\n\n" + variant_table(variants)
+    if isolated:
+        text += ("\n\nBlock 0's W8A8 Linears cut out of the graph and profiled alone (MatMulIntegerToFloat ms per run):\n\n"
+                 "| Linear | GEMM (M x K x N) | alone | inside the graph's step |\n|---|---|---|---|\n")
+        text += "\n".join(f"| {d['linear']} | {' x '.join(map(str, d['shape']))} | {d['alone_ms']:.3f} | {d['in_graph_ms']:.3f} |" for d in isolated)
     text += "\n"
-    procstat.write_results(args.out, args.name, {"meta": meta, "speed": speed, "profiles": profiles, "session_variants": variants},
+    procstat.write_results(args.out, args.name, {"meta": meta, "speed": speed, "profiles": profiles, "session_variants": variants, "isolated_linears": isolated},
                            f"ONNX Runtime profile: {meta['model']}, batch {args.batch}", text)  # fmt: skip
     return 0
 

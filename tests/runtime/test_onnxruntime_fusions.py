@@ -72,7 +72,7 @@ def test_w8a8_biases_run_inside_the_int8_kernels_with_the_same_outputs(models, e
     depth = SHARED[name].depth
     with_bias, without, adds = _kernel_biases(path, tmp_path)
     assert len(with_bias) == 4 * depth + 4 and without == depth and adds == []  # every Linear but fc1; fc1 -> FastGelu(bias)
-    plain_with, plain_without, plain_adds = _kernel_biases(path, tmp_path, fold_bias=False)
+    plain_with, _, plain_adds = _kernel_biases(path, tmp_path, fold_bias=False)
     assert plain_with == [] and len(plain_adds) == 4 * depth + 4
     x, t, y = DiTSpec(SHARED[name]).sample_inputs(3, seed=5)
     feeds = {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()}
@@ -126,8 +126,8 @@ def test_the_bias_fold_computes_what_the_add_did():
     np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", [dict(bias_dims=(1, 3)), dict(bias_dims=(2,)), dict(extra_consumer=True), dict(bias_is_input=True),
-                                  dict(as_output=True), dict(preset_bias=True)])  # fmt: skip
+@pytest.mark.parametrize("case", [{"bias_dims": (1, 3)}, {"bias_dims": (2,)}, {"extra_consumer": True}, {"bias_is_input": True},
+                                  {"as_output": True}, {"preset_bias": True}])  # fmt: skip
 def test_the_bias_fold_leaves_what_it_cannot_fold_exactly(case):
     """Not folded: a bias not of shape (N,), a product another node reads too, a bias that is no
     constant, a product the graph outputs, a kernel that has a bias already."""
