@@ -11,7 +11,9 @@ kernel after ONNX Runtime's own optimizations have chosen the kernels (and the u
 form they run on x86): :func:`fold_integer_gemm_bias` on the optimized graph, which
 :func:`ditrt.runtime.onnxruntime_backend.make_session` then runs as it is. The kernel computes
 ``scale * acc + bias`` where the graph computed ``scale * acc`` then ``+ bias``: the same two float
-operations in the same order (bit-identical on the built-in model).
+operations in the same order (bit-identical on the built-in model). The price is a second session
+creation and the optimized graph written once to a scratch folder: 0.2 -> 0.7 s for a W8A8 graph of
+six DiT-XL/2 blocks (about 0.1 s and, while the session is made, 50 MB of scratch per block).
 """
 
 from __future__ import annotations
