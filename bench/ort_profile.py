@@ -119,23 +119,6 @@ def profile_graph(path: Path, inputs: dict, args, work: Path) -> dict:
             "node_ms": dict(nodes)}  # fmt: skip
 
 
-def kernel_ms(path: Path, inputs: dict, args, work: Path) -> dict[str, float]:
-    """op type -> ms per run of a small graph in ONNX Runtime's profiler (median of ``--calls`` runs after ``--warmup``)."""
-    from ditrt.runtime.onnxruntime_backend import make_session
-
-    session = make_session(path, threads=args.threads, profile_prefix=work / f"profile-{path.stem}")
-    for _ in range(args.warmup + args.calls):
-        session.run(None, inputs)
-    trace = Path(session.end_profiling())
-    events = json.loads(trace.read_text())
-    trace.unlink(missing_ok=True)
-    per_op = defaultdict(list)
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            per_op[e["args"]["op_name"]].append(e["dur"] / 1000)
-    return {op: statistics.median(v[-args.calls :]) for op, v in per_op.items()}
-
-
 def isolated_linears(path: Path, profile: dict, rows: int, tokens: int, args, work: Path) -> list[dict]:
     """Block 0's quantized token Linears cut out of the W8A8 graph (its QuantizeLinear's input to the
     bias Add's output) and profiled alone on random input of their shape: the int8 kernel's ms alone
@@ -165,7 +148,7 @@ def isolated_linears(path: Path, profile: dict, rows: int, tokens: int, args, wo
         onnx.utils.extract_model(str(path), str(cut), [q.input[0]], [end])
         k, n_out = next(t for t in onnx.load(str(cut), load_external_data=False).graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2).dims
         x = np.random.default_rng(0).standard_normal((rows, tokens, k)).astype(np.float32)
-        alone = kernel_ms(cut, {q.input[0]: x}, args, work)
+        alone = {op: d["ms"] for op, d in profile_graph(cut, {q.input[0]: x}, args, work)["ops"].items()}
         inside = profile["node_ms"].get(f"MatMulIntegerToFloat {n.name}")
         found.append({"linear": linear, "shape": [rows * tokens, int(k), int(n_out)], "alone_ms": alone.get("MatMulIntegerToFloat"), "in_graph_ms": inside,
                       "alone_quantize_ms": alone.get("QuantizeLinear")})  # fmt: skip
