@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -33,6 +32,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import procstat
 from backends import step_inputs
+from ort_profile import time_sessions
 
 BEFORE = "f22cc66"  # the last commit before issue 15 (bench/quality_table: a noise floor per precision)
 OLD_SESSION = {"disabled_optimizers": ("MatMulAddFusion",), "fold_bias": False}
@@ -79,6 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--precisions", default="fp32,w8a8")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per session")
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--out", type=Path, default=HERE / "results" / "ort_profile")
@@ -113,15 +114,7 @@ def main(argv=None) -> int:
             sessions[f"{p} after graph, before session"] = make_session(tmp / "after" / f"{p}.onnx", threads=args.threads, **OLD_SESSION)
             sessions[f"{p} after"] = make_session(tmp / "after" / f"{p}.onnx", threads=args.threads)
         print(f"timing {args.repeats} x {args.calls} steps per session (interleaved) ...", flush=True)
-        for s in sessions.values():
-            s.run(None, feeds)
-        times = {k: [] for k in sessions}
-        for _ in range(args.repeats):
-            for k, s in sessions.items():
-                t0 = time.perf_counter()
-                for _ in range(args.calls):
-                    s.run(None, feeds)
-                times[k].append(1000 * (time.perf_counter() - t0) / args.calls)
+        times = time_sessions(sessions, feeds, args)
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = ["| session | ms/step (median) | spread | vs before (ratio of medians) | vs before (median per-repeat ratio) |", "|---|---|---|---|---|"]
     for k, v in times.items():
