@@ -118,11 +118,15 @@ def make_session(path, *, providers=None, threads: int | None = None, optimized_
     cpu_only = all((p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in chosen)
     try:
         if fold_bias and cpu_only and _has_integer_activations(path):
-            return _session_with_folded_bias(path, chosen, threads, optimized_model_path, profile_prefix, disabled_optimizers)
+            try:
+                folded = _folded_bias_session(path, chosen, threads, optimized_model_path, profile_prefix, disabled_optimizers)
+            except OSError as e:  # no scratch space: the graph runs as ONNX Runtime optimizes it, with the same outputs
+                log.warning("%s runs without its biases folded into the int8 kernels (scratch folder: %s)", path.name, e)
+                folded = None
+            if folded is not None:
+                return folded
         so = _options(threads, optimized_model_path, profile_prefix)
         return ort.InferenceSession(os.fspath(path), so, providers=chosen, disabled_optimizers=list(disabled_optimizers))
-    except ArtifactError:
-        raise
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/InvalidProtobuf types
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"ONNX Runtime cannot load {path} ({first}); re-export it with `ditrt export`") from None
@@ -158,9 +162,10 @@ def _has_integer_activations(path: Path) -> bool:
     return any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in eight_bit for n in graph.node)
 
 
-def _session_with_folded_bias(path: Path, providers, threads, optimized_model_path, profile_prefix, disabled_optimizers):
+def _folded_bias_session(path: Path, providers, threads, optimized_model_path, profile_prefix, disabled_optimizers):
     """ONNX Runtime optimizes the graph once (saved to a scratch folder, its weights beside it), the
-    biases are folded into its int8 kernels, and that graph runs with no further optimization."""
+    biases are folded into its int8 kernels, and that graph runs with no further optimization; None
+    where there was no bias to fold."""
     import tempfile
 
     import onnx
@@ -177,8 +182,7 @@ def _session_with_folded_bias(path: Path, providers, threads, optimized_model_pa
         ort.InferenceSession(os.fspath(path), so, providers=providers, disabled_optimizers=list(disabled_optimizers))  # writes it
         model = onnx.load(os.fspath(optimized), load_external_data=False)
         if fold_integer_gemm_bias(model.graph) == 0:
-            return ort.InferenceSession(os.fspath(path), _options(threads, optimized_model_path, profile_prefix), providers=providers,
-                                        disabled_optimizers=list(disabled_optimizers))  # fmt: skip
+            return None
         folded = Path(tmp) / "folded.onnx"
         onnx.save(model, os.fspath(folded))
         so = _options(threads, optimized_model_path, profile_prefix)

@@ -81,6 +81,17 @@ def test_w8a8_biases_run_inside_the_int8_kernels_with_the_same_outputs(models, e
     assert np.abs(folded - plain).max() <= 1e-6 * np.abs(plain).max()  # measured: bit-identical
 
 
+def test_without_scratch_space_the_graph_runs_unfolded_and_says_so(exported, tmp_path, monkeypatch, caplog):
+    import tempfile
+
+    path = exported("digits", "w8a8")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no such folder"))
+    with caplog.at_level("WARNING", logger="ditrt.runtime.onnxruntime_backend"):
+        with_bias, _, adds = _kernel_biases(path, tmp_path)
+    assert with_bias == [] and len(adds) == 4 * SHARED["digits"].depth + 4
+    assert "runs without its biases folded" in caplog.text
+
+
 def test_float_and_weight_only_graphs_are_not_rewritten(exported, tmp_path):
     """Only graphs with 8-bit activations run on MatMulIntegerToFloat; the others keep ONNX Runtime's
     graph (W4A16's MatMulNBits takes its bias in ONNX Runtime's own fusion)."""
