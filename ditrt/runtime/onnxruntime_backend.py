@@ -23,8 +23,8 @@ after ONNX Runtime's own optimizations, which leave them as separate Adds (why, 
 
 Threads: ``threads`` sets ONNX Runtime's intra-op pool (None: its default, one thread per core).
 Measured on the idle 2-core machine (``bench/results/ort_profile/builtin-b32-t1.md``, session
-options): 2 threads run a 64-row step of the built-in model 1.7-1.9x faster than 1 (fp32 316 -> 171
-ms, W8A8 153 -> 92 ms); with other jobs on the cores a second thread only waits for a busy core and
+options): 2 threads run a 64-row step of the built-in model 1.7-1.9x faster than 1 (fp32 318 -> 167
+ms, W8A8 144 -> 86 ms); with other jobs on the cores a second thread only waits for a busy core and
 was slower than one (fp32 479 vs 361 ms). Pass 1 on a shared machine.
 """
 
