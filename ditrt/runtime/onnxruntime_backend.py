@@ -116,20 +116,26 @@ def make_session(path, *, providers=None, threads: int | None = None, optimized_
         raise ArtifactError(f"ONNX file {path} not found; create it with `ditrt export`")
     chosen = resolve_providers(providers)
     cpu_only = all((p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in chosen)
-    try:
-        if fold_bias and cpu_only and _has_integer_activations(path):
-            try:
-                folded = _folded_bias_session(path, chosen, threads, optimized_model_path, profile_prefix, disabled_optimizers)
-            except OSError as e:  # no scratch space: the graph runs as ONNX Runtime optimizes it, with the same outputs
-                log.warning("%s runs without its biases folded into the int8 kernels (scratch folder: %s)", path.name, e)
-                folded = None
+    unfolded = None  # why a graph that could be folded was not
+    if fold_bias and cpu_only and _has_integer_activations(path):
+        try:
+            folded = _folded_bias_session(path, chosen, threads, optimized_model_path, profile_prefix, disabled_optimizers)
             if folded is not None:
                 return folded
+        except Exception as e:  # noqa: BLE001  no scratch space, or a graph ONNX Runtime refuses (then said once, below)
+            unfolded = _first_line(e)
+    try:
         so = _options(threads, optimized_model_path, profile_prefix)
-        return ort.InferenceSession(os.fspath(path), so, providers=chosen, disabled_optimizers=list(disabled_optimizers))
+        session = ort.InferenceSession(os.fspath(path), so, providers=chosen, disabled_optimizers=list(disabled_optimizers))
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/InvalidProtobuf types
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"ONNX Runtime cannot load {path} ({first}); re-export it with `ditrt export`") from None
+        raise ArtifactError(f"ONNX Runtime cannot load {path} ({_first_line(e)}); re-export it with `ditrt export`") from None
+    if unfolded is not None:  # the same outputs, without the bias fold's speed
+        log.warning("%s runs without its biases folded into the int8 kernels (%s)", path.name, unfolded)
+    return session
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 
 def _options(threads, optimized_model_path=None, profile_prefix=None):
