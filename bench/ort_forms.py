@@ -8,11 +8,13 @@ The kernels each form ends up running (after ONNX Runtime's fusions) are listed.
 
     .venv/bin/python bench/ort_forms.py            # built-in shapes
     .venv/bin/python bench/ort_forms.py --xl       # DiT-XL/2 shapes
+    .venv/bin/python bench/ort_forms.py --cases attention   # one case (file forms-builtin-attention)
 
 Cases: ``layernorm`` (residual Add + LayerNorm, SkipLayerNormFusion on vs off), ``modulate`` (LayerNorm
 then ``* (1 + scale) + shift`` vs a LayerNormalization taking the per-sample scale and shift),
 ``gelu`` (bias + tanh GELU fused to FastGelu vs unfused), ``attention`` (the exported
-qkv -> (3, N, H, T, Dh) transpose vs a q/k/v split on the channels vs per-head slices), ``bias`` (a
+qkv -> (3, N, H, T, Dh) transpose vs a q/k/v split on the channels, that transpose split on its first
+axis, k transposed straight to (N, H, Dh, T), and per-head slices), ``bias`` (a
 Q/DQ Linear with its bias: the fused int8 kernel and its inputs; MatMulAddFusion on a static-shape
 graph), ``patch embedding`` (stride-p Conv vs the patches and one MatMul). Results: ``bench/results/ort_profile/forms-<shape>.md`` and ``.json``.
 """
@@ -122,8 +124,25 @@ def case_attention(r, t, d, rng, heads):
               helper.make_node("MatMul", [f"p{h}", f"v{h}"], [f"o{h}"])]  # fmt: skip
     n.append(helper.make_node("Concat", [f"o{h}" for h in range(heads)], ["out"], axis=2))
     per_head = model(n, {"qkv": [r, t, 3 * d]}, {"out": [r, t, d]}, {"sp": i64(*[dh] * 3 * heads), "sc": scale})
+    # transpose first, then split the contiguous (3, r, H, t, Dh) tensor on its first axis
+    n = [helper.make_node("Reshape", ["qkv", "s5"], ["r5"]), helper.make_node("Transpose", ["r5"], ["p"], perm=[2, 0, 3, 1, 4]),
+         helper.make_node("Split", ["p"], ["q1", "k1", "v1"], axis=0, num_outputs=3)]
+    n += [helper.make_node("Squeeze", [f"{c}1", "ax0"], [c]) for c in "qkv"]
+    n += _attend("q", "k", "v", "out", r, t, d)
+    split_first_axis = model(n, {"qkv": [r, t, 3 * d]}, {"out": [r, t, d]}, {**inits, "ax0": np.array([0], np.int64)})
+    # k transposed straight to (r, H, Dh, t) from the channel split, q and v to (r, H, t, Dh)
+    n = [helper.make_node("Split", ["qkv", "sp"], ["q0", "k0", "v0"], axis=2)]
+    n += [helper.make_node("Reshape", [f"{c}0", "s4"], [f"{c}1"]) for c in "qkv"]
+    n += [helper.make_node("Transpose", ["q1"], ["q"], perm=[0, 2, 1, 3]), helper.make_node("Transpose", ["v1"], ["v"], perm=[0, 2, 1, 3]),
+          helper.make_node("Transpose", ["k1"], ["kt"], perm=[0, 2, 3, 1]), helper.make_node("Mul", ["q", "sc"], ["qs"]),
+          helper.make_node("MatMul", ["qs", "kt"], ["att"]), helper.make_node("Softmax", ["att"], ["pr"], axis=-1),
+          helper.make_node("MatMul", ["pr", "v"], ["o"]), helper.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),
+          helper.make_node("Reshape", ["ot", "s3"], ["out"])]  # fmt: skip
+    k_direct = model(n, {"qkv": [r, t, 3 * d]}, {"out": [r, t, d]}, {"sp": i64(d, d, d), "s4": i64(r, t, heads, dh), "sc": scale, "s3": i64(r, t, d)})
     feeds = {"qkv": rng.standard_normal((r, t, 3 * d), np.float32)}
     return feeds, {"exported (one 5-D transpose, then q/k/v)": (exported, DITRT), "channel split, 3 transposes": (split, DITRT),
+                   "5-D transpose, split on its first axis": (split_first_axis, DITRT),
+                   "channel split, k transposed straight to (N, H, Dh, T)": (k_direct, DITRT),
                    "per-head slices, no transposes": (per_head, DITRT)}  # fmt: skip
 
 
@@ -201,6 +220,7 @@ def parse_args(argv=None):
     p.add_argument("--xl", action="store_true", help="DiT-XL/2 shapes (8 rows x 256 tokens x 1152, 16 heads)")
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--cases", nargs="+", default=None, help="only these cases (e.g. attention); the file name says which")
     p.add_argument("--out", type=Path, default=HERE / "results" / "ort_profile")
     return p.parse_args(argv)
 
@@ -222,6 +242,11 @@ def main(argv=None) -> int:
         "bias (static batch)": case_bias(r, t, d, rng, True),
         "patch embedding": case_patch(r, 4, 32, 2, d, rng) if args.xl else case_patch(r, 1, 8, 1, d, rng),
     }  # fmt: skip
+    if args.cases:
+        unknown = sorted(set(args.cases) - set(cases))
+        if unknown:
+            raise SystemExit(f"ort_forms.py: error: unknown case(s) {', '.join(unknown)}; pick from {', '.join(cases)}")
+        cases = {k: v for k, v in cases.items() if k in args.cases}
     with tempfile.TemporaryDirectory(prefix="ditrt-ort-forms-") as tmp:
         results = {name: run_case(name, feeds, forms, args, Path(tmp)) for name, (feeds, forms) in cases.items()}
     lines = [f"Shapes: {r} rows x {t} tokens x {d} channels, {heads} heads; one thread; ONNX Runtime {onnxruntime.__version__}; "
@@ -232,7 +257,7 @@ def main(argv=None) -> int:
             ms = f"{v['ms']:.3f} | {v['spread'][0]:.3f}-{v['spread'][1]:.3f}" if "ms" in v else "- | -"
             diff = f"{v['max_abs_diff_vs_first']:.1e}" if "max_abs_diff_vs_first" in v else "-"
             lines.append(f"| {name} | {form} | {ms} | {diff} | {v['kernels']} |")
-    name = "forms-xl" if args.xl else "forms-builtin"
+    name = ("forms-xl" if args.xl else "forms-builtin") + ("".join(f"-{c.split()[0]}" for c in args.cases) if args.cases else "")
     procstat.write_results(args.out, name, {"shapes": [r, t, d, heads], "load_average_at_start": load, "results": results},
                            f"ONNX Runtime graph forms at {'DiT-XL/2' if args.xl else 'built-in'} shapes", "\n".join(lines) + "\n")  # fmt: skip
     return 0
