@@ -19,10 +19,15 @@ from tests.conftest import SHARED
 DEPTH = CONFIGS["ditrt-digits"].depth
 
 
-def optimized_ops(path, tmp_path, **options) -> Counter:
+def optimized_graph(path, tmp_path, **options) -> onnx.GraphProto:
+    """The graph as ONNX Runtime runs it with ditrt's session (and these options)."""
     out = tmp_path / f"{path.stem}-{len(list(tmp_path.iterdir()))}.optimized.onnx"
     make_session(path, threads=1, optimized_model_path=out, **options)
-    return Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+    return onnx.load(str(out), load_external_data=False).graph
+
+
+def optimized_ops(path, tmp_path, **options) -> Counter:
+    return Counter(n.op_type for n in optimized_graph(path, tmp_path, **options).node)
 
 
 @pytest.mark.parametrize("precision", ["float", "w8a8"])
@@ -52,9 +57,7 @@ def test_matmul_add_fusion_would_take_the_2d_linears_off_the_int8_kernel(exporte
 def _kernel_biases(path, tmp_path, **options):
     """(MatMulIntegerToFloat nodes with a bias input, those without, Adds of a constant to one's
     output) in the graph as ONNX Runtime runs it."""
-    out = tmp_path / f"{path.stem}-{len(list(tmp_path.iterdir()))}.optimized.onnx"
-    make_session(path, threads=1, optimized_model_path=out, **options)
-    graph = onnx.load(str(out), load_external_data=False).graph
+    graph = optimized_graph(path, tmp_path, **options)
     constants = {t.name for t in graph.initializer}
     kernels = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
     with_bias = [n for n in kernels if len(n.input) > BIAS_INPUT and n.input[BIAS_INPUT]]
